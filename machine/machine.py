@@ -1,0 +1,314 @@
+"""The Machine: RAM, devices, a virtual clock and a runstate, owned by one thread.
+
+The machine thread runs QEMU's main loop in miniature: drain requests from the monitor; if the
+guest runs, run a guest tick (the workload writes RAM, marking pages dirty; the virtual clock
+advances); then run one bounded step of each active job (a migration later). Nothing outside
+this thread touches machine state: the monitor submits functions with ``call()`` and waits on
+the returned future.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .devices.cpu import Cpu
+from .devices.globalstate import GlobalState
+from .devices.serial import Serial
+from .devices.timer import Timer
+from .ram import RAMBlock
+from .runstate import NEEDS_RESET, RunState, check_transition
+from .savevm.format import RAM_SECTION_VERSION
+from .savevm.ram import RamSaveState
+from .savevm.registry import register
+from .workloads import make_workload
+
+TICK_S = 0.01  # one guest tick of virtual time while running
+NOTIFY_S = 0.2  # how often listeners (the toolbar) hear about a running clock
+
+
+class MachineError(Exception):
+    """A command that failed; the message is what the monitor prints after 'Error: '."""
+
+
+@dataclass(frozen=True)
+class MachineType:
+    name: str
+    desc: str
+    ram_name: str
+    devices: tuple = ()
+    default_workload: str = "idle"
+    is_default: bool = False
+
+
+MACHINE_TYPES = {
+    "lab": MachineType("lab", "qmon teaching machine (cpu, timer, serial, globalstate, ram)",
+                       "lab.ram", (Cpu, Serial), "counter", True),
+    "none": MachineType("none", "empty machine (the sections of QEMU's -M none)", "ram"),
+}
+DEFAULT_MACHINE = "lab"
+
+
+class VirtualClock:
+    """QEMU_CLOCK_VIRTUAL: follows host time while the guest runs, frozen while it is paused."""
+
+    def __init__(self):
+        self._base_ns = 0
+        self._since: int | None = None
+
+    def now_ns(self) -> int:
+        since = self._since
+        if since is None:
+            return self._base_ns
+        return self._base_ns + time.monotonic_ns() - since
+
+    def start(self):
+        if self._since is None:
+            self._since = time.monotonic_ns()
+
+    def stop(self):
+        if self._since is not None:
+            self._base_ns = self.now_ns()
+            self._since = None
+
+    def set_ns(self, ns: int):
+        running = self._since is not None
+        self._base_ns = ns
+        self._since = time.monotonic_ns() if running else None
+
+
+class Machine:
+    def __init__(self, type_name: str = DEFAULT_MACHINE, ram_size: int = 128 << 20,
+                 mem_path: str | None = None, workload: str | None = None,
+                 name: str | None = None, serial_stdio: bool = False):
+        mt = MACHINE_TYPES[type_name]
+        self.type = mt
+        self.type_name = mt.name
+        self.name = name
+        self.ram = RAMBlock(mt.ram_name, ram_size, mem_path)
+        self.clock = VirtualClock()
+        self.runstate = RunState.PRELAUNCH
+        self.serial_stdio = serial_stdio
+
+        # Registration order gives section ids; it follows QEMU's -M none (timer 0, block 1,
+        # ram 2, dirty-bitmap 3, globalstate 4), and the lab devices come after.
+        self.entries: list = []
+        self.timer = Timer(self)
+        register(self.entries, "timer", Timer.vmsd.version_id, device=self.timer)
+        register(self.entries, "block", 1, active=False)
+        register(self.entries, "ram", RAM_SECTION_VERSION, live=lambda: RamSaveState(self.ram))
+        register(self.entries, "dirty-bitmap", 1, active=False)
+        self.globalstate = GlobalState(self)
+        register(self.entries, "globalstate", 1, device=self.globalstate)
+        self.devices = {"timer": self.timer, "globalstate": self.globalstate}
+        for cls in mt.devices:
+            dev = cls(self)
+            register(self.entries, cls.idstr, cls.vmsd.version_id, device=dev)
+            self.devices[cls.idstr] = dev
+        self.cpu = self.devices.get("cpu")
+        self.serial = self.devices.get("serial")
+
+        self.workload = make_workload(workload or mt.default_workload, self.ram)
+        self.workload.attach(self)
+        self.workload.resync()
+
+        self.output = None  # callable(str): messages for the user (serial lines, events)
+        self._listeners: list = []
+        self._requests: queue.Queue = queue.Queue()
+        self.jobs: list = []  # objects with step() -> bool (False: finished)
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._quit = False
+
+    # Thread plumbing ---------------------------------------------------------------------------
+    def start(self, paused: bool = False):
+        self._thread = threading.Thread(target=self._main_loop, name="machine", daemon=True)
+        self._thread.start()
+        if not paused:
+            self.run(self.vm_start)
+
+    def call(self, fn, *args, **kwargs) -> Future:
+        fut: Future = Future()
+        self._requests.put((fut, fn, args, kwargs))
+        return fut
+
+    def run(self, fn, *args, timeout: float | None = None, **kwargs):
+        """Run ``fn`` on the machine thread and return its result (or raise its exception)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        return self.call(fn, *args, **kwargs).result(timeout)
+
+    def shutdown(self):
+        if self._thread is None or self._quit:
+            return
+        self._quit = True
+        self._requests.put(None)
+        self._thread.join(5)
+
+    def add_listener(self, fn):
+        self._listeners.append(fn)
+
+    def notify(self):
+        for fn in self._listeners:
+            try:
+                fn()
+            except Exception:
+                pass
+
+    def _main_loop(self):
+        last_tick = time.monotonic()
+        last_notify = last_tick
+        while not self._quit:
+            busy = self.runstate == RunState.RUNNING or self.jobs
+            try:
+                item = self._requests.get(timeout=TICK_S if busy else NOTIFY_S)
+            except queue.Empty:
+                item = False
+            while item is not False:
+                if item is None:
+                    return
+                fut, fn, args, kwargs = item
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(*args, **kwargs))
+                    except BaseException as e:  # handed to the caller, never lost here
+                        fut.set_exception(e)
+                try:
+                    item = self._requests.get_nowait()
+                except queue.Empty:
+                    item = False
+            now = time.monotonic()
+            if self.runstate == RunState.RUNNING:
+                self.workload.tick(now - last_tick)
+            last_tick = now
+            for job in list(self.jobs):
+                if not job.step():
+                    self.jobs.remove(job)
+            if now - last_notify >= NOTIFY_S:
+                last_notify = now
+                self.notify()
+
+    # Run states --------------------------------------------------------------------------------
+    def set_runstate(self, new: RunState):
+        check_transition(self.runstate, new)
+        self.runstate = new
+        self.notify()
+
+    def is_running(self) -> bool:
+        return self.runstate == RunState.RUNNING
+
+    def vm_stop(self, state: RunState = RunState.PAUSED):
+        """QEMU's vm_stop(): only a running guest changes state."""
+        if self.runstate == RunState.RUNNING:
+            self.clock.stop()
+            self.set_runstate(state)
+
+    def vm_start(self):
+        if self.runstate != RunState.RUNNING:
+            self.set_runstate(RunState.RUNNING)
+            self.clock.start()
+
+    def cont(self):
+        if self.runstate in NEEDS_RESET:
+            raise MachineError("Resetting the Virtual Machine is required")
+        if self.runstate == RunState.INMIGRATE:
+            return  # QEMU sets autostart; the incoming side decides when it runs
+        self.vm_start()
+
+    def system_reset(self):
+        for dev in self.devices.values():
+            if dev not in (self.timer, self.globalstate):
+                dev.reset()
+        self.workload.resync()
+        if self.runstate not in (RunState.RUNNING, RunState.INMIGRATE,
+                                 RunState.FINISH_MIGRATE):
+            self.set_runstate(RunState.PRELAUNCH)
+
+    # Guest side --------------------------------------------------------------------------------
+    def guest_print(self, text: str):
+        if self.serial is not None:
+            self.serial.write_line(text)
+
+    def emit_serial(self, text: str):
+        if self.serial_stdio:
+            self.message(text)
+
+    def message(self, text: str):
+        out = self.output
+        if out is not None:
+            out(text)
+
+    def guest_registers(self, rax=None, rbx=None, rcx=None, rip=None):
+        if self.cpu is None:
+            return
+        regs = self.cpu.state["regs"]
+        for i, v in ((0, rax), (1, rbx), (2, rcx)):
+            if v is not None:
+                regs[i] = v & 0xFFFFFFFFFFFFFFFF
+        if rip is not None:
+            self.cpu.state["rip"] = rip
+
+    # Snapshots (QEMU's save_snapshot / load_snapshot, run on the machine thread) ---------------
+    def save_snapshot(self, store, tag: str | None, trace=None):
+        from .savevm.savevm import save_stream
+        from .savevm.stream import FdSink, StreamWriter
+        from .snapshots import truncate_tag
+
+        if tag is None:
+            tag = time.strftime("vm-%Y%m%d%H%M%S")
+        tag = truncate_tag(tag)
+        was_running = self.is_running()
+        self.globalstate.store(self.runstate)
+        self.vm_stop(RunState.SAVE_VM)
+        try:
+            vm_clock = self.clock.now_ns()
+
+            def write(fd):
+                return save_stream(self, StreamWriter(FdSink(fd)), trace)
+
+            return store.save(tag, write, vm_clock, self.type_name, self.ram.size)
+        except OSError as e:
+            raise MachineError(f"Error while writing VM state: {e.strerror or e}") from None
+        finally:
+            self.globalstate.stored = None
+            if was_running:
+                self.vm_start()
+
+    def load_snapshot(self, store, tag: str, trace=None):
+        """All-or-nothing: on a bad stream nothing changes, the runstate included. A missing
+        snapshot behaves as in QEMU: a running guest is left paused (restore-vm)."""
+        from .savevm.records import StreamError
+        from .savevm.savevm import check_then_load
+
+        was_running = self.is_running()
+        self.vm_stop(RunState.RESTORE_VM)
+        info = store.find(tag)
+        if info is None:
+            raise MachineError(f"Snapshot '{tag}' does not exist in one or more devices")
+        path = store.stream_path(info)
+        clock_before = self.clock.now_ns()
+        try:
+            warning = check_then_load(self, lambda: open(path, "rb"), trace)
+        except StreamError as e:
+            self.clock.set_ns(clock_before)
+            if was_running:
+                self.vm_start()
+            raise MachineError(e.message) from None
+        except OSError as e:
+            if was_running:
+                self.vm_start()
+            raise MachineError(f"Could not read snapshot '{tag}': {e.strerror or e}") from None
+        self.workload.resync()
+        if warning:
+            self.message(warning)
+        if was_running:
+            self.vm_start()
+
+    def delete_snapshot(self, store, tag: str):
+        try:
+            store.delete(tag)
+        except OSError as e:
+            raise MachineError(f"Could not delete snapshot '{tag}': {e.strerror or e}") from None

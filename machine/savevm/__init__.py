@@ -1,0 +1,1 @@
+"""QEMU's savevm protocol: the container (savevm.py), the ram live section (ram.py), records."""

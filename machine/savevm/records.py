@@ -1,0 +1,448 @@
+"""One parser for the savevm stream: bytes in, typed records out, no I/O.
+
+Feed it bytes with ``feed()``, say ``feed_eof()`` when the source is exhausted, and pull
+records with ``next()`` until it returns None (needs more bytes) or an ``End`` record. The
+loader, incoming migration and the dissector all use this parser, so the stream the dissector
+explains is exactly the stream the loader reads.
+
+The container has no length fields: the size of a FULL section's payload is known only from the
+device's field list. The parser therefore asks a ``describe(idstr, instance_id, version_id)``
+callback what a section holds; it raises ``StreamError`` for a section it cannot accept
+(unknown idstr, unsupported version), which is how QEMU's loader fails too.
+
+Checks that concern the stream's structure live here with QEMU's messages (magic, version,
+configuration, section types, footers, ram record flags). Checks against the local machine (machine
+type, block sizes, page offsets) belong to the loader.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from . import format as F
+
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+
+MAX_CONFIG_NAME = 256  # QEMU machine type names are short; bound what a stream may claim
+MAX_RAM_BLOCKS = 256
+MAX_VMDESC = 64 << 20
+
+
+class StreamError(Exception):
+    """A stream that cannot be loaded. ``offset`` is where the offending field starts."""
+
+    def __init__(self, message: str, offset: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Records. ``offset`` is the stream offset of the record's first byte.
+
+
+@dataclass(slots=True)
+class Header:
+    offset: int
+    version: int
+
+
+@dataclass(slots=True)
+class Configuration:
+    offset: int
+    name: str
+
+
+@dataclass(slots=True)
+class SectionHeader:
+    offset: int
+    section_type: int  # F.QEMU_VM_SECTION_START/PART/END/FULL
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    kind: str  # "ram" or "device"
+
+    @property
+    def type_name(self) -> str:
+        return F.SECTION_TYPE_NAMES[self.section_type]
+
+
+@dataclass(slots=True)
+class RamMemSize:
+    offset: int
+    total: int
+    blocks: list  # [(idstr, length)]
+
+
+@dataclass(slots=True)
+class RamZero:
+    offset: int
+    block: str
+    addr: int
+    fill: int
+    named: bool  # the record carried the block name (CONTINUE clear)
+
+
+@dataclass(slots=True)
+class RamPage:
+    offset: int
+    block: str
+    addr: int
+    data: bytes
+    named: bool
+
+
+@dataclass(slots=True)
+class RamXbzrle:
+    offset: int
+    block: str
+    addr: int
+    data: bytes
+    named: bool
+
+
+@dataclass(slots=True)
+class RamEOS:
+    offset: int
+
+
+@dataclass(slots=True)
+class DeviceState:
+    offset: int
+    idstr: str
+    version_id: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class Footer:
+    offset: int
+    section_id: int
+
+
+@dataclass(slots=True)
+class EOF:
+    offset: int
+
+
+@dataclass(slots=True)
+class VMDesc:
+    offset: int
+    json: bytes
+
+
+@dataclass(slots=True)
+class End:
+    """No more records. ``warning`` carries QEMU's complaint about a missing vmdesc, if any."""
+
+    offset: int
+    warning: str | None = None
+
+
+@dataclass(slots=True)
+class _Section:
+    idstr: str
+    instance_id: int
+    version_id: int
+    kind: str
+    size: int  # payload size for devices
+
+
+# Parser states.
+_S_HEADER, _S_CONFIG, _S_TOP, _S_RAM, _S_DEVICE, _S_FOOTER, _S_AFTER_EOF, _S_END = range(8)
+
+_RAM_KIND_FLAGS = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_XBZRLE
+
+
+class Parser:
+    def __init__(self, describe):
+        """``describe(idstr, instance_id, version_id)`` returns ``("ram", None)`` or
+        ``("device", payload_size)``, or raises StreamError."""
+        self._describe = describe
+        self._buf = bytearray()
+        self._pos = 0
+        self._base = 0  # stream offset of _buf[0]
+        self._eof = False
+        self._state = _S_HEADER
+        self._sections: dict[int, _Section] = {}
+        self._current: _Section | None = None
+        self._current_id = 0
+        self._last_block: str | None = None
+
+    # Input -----------------------------------------------------------------------------------
+    def feed(self, data) -> None:
+        if self._pos > (1 << 20) and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._base += self._pos
+            self._pos = 0
+        self._buf += data
+
+    def feed_eof(self) -> None:
+        self._eof = True
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next unread byte."""
+        return self._base + self._pos
+
+    def _have(self, n: int) -> bool:
+        if len(self._buf) - self._pos >= n:
+            return True
+        if self._eof:
+            where = f" in section '{self._current.idstr}'" if self._current else ""
+            raise StreamError(f"truncated stream: unexpected end of data at offset {self.offset}{where}",
+                              self.offset)
+        return False
+
+    # Output ----------------------------------------------------------------------------------
+    def next(self):
+        """The next record, or None when more bytes are needed."""
+        state = self._state
+        if state == _S_RAM:
+            return self._ram_record()
+        if state == _S_TOP:
+            return self._top()
+        if state == _S_FOOTER:
+            return self._footer()
+        if state == _S_DEVICE:
+            return self._device()
+        if state == _S_HEADER:
+            return self._header()
+        if state == _S_CONFIG:
+            return self._config()
+        if state == _S_AFTER_EOF:
+            return self._after_eof()
+        return End(self.offset)
+
+    def records(self):
+        """Iterate over the records available now (stops when more bytes are needed)."""
+        while True:
+            rec = self.next()
+            if rec is None:
+                return
+            yield rec
+            if isinstance(rec, End):
+                return
+
+    # States ----------------------------------------------------------------------------------
+    def _header(self):
+        if not self._have(8):
+            return None
+        off = self.offset
+        magic, version = struct.unpack_from(">II", self._buf, self._pos)
+        if magic != F.QEMU_VM_FILE_MAGIC:
+            raise StreamError("Not a migration stream", off)
+        if version == F.QEMU_VM_FILE_VERSION_COMPAT:
+            raise StreamError("SaveVM v2 format is obsolete and don't work anymore", off + 4)
+        if version != F.QEMU_VM_FILE_VERSION:
+            raise StreamError("Unsupported migration stream version", off + 4)
+        self._pos += 8
+        self._state = _S_CONFIG
+        return Header(off, version)
+
+    def _config(self):
+        if not self._have(1):
+            return None
+        off = self.offset
+        if self._buf[self._pos] != F.QEMU_VM_CONFIGURATION:
+            raise StreamError("Configuration section missing", off)
+        if not self._have(5):
+            return None
+        (n,) = _BE32.unpack_from(self._buf, self._pos + 1)
+        if n > MAX_CONFIG_NAME:
+            raise StreamError(f"Configuration section: machine type name of {n} bytes is too long",
+                              off + 1)
+        if not self._have(5 + n):
+            return None
+        name = bytes(self._buf[self._pos + 5: self._pos + 5 + n]).decode("latin-1")
+        self._pos += 5 + n
+        self._state = _S_TOP
+        return Configuration(off, name)
+
+    def _top(self):
+        if not self._have(1):
+            return None
+        buf, p, off = self._buf, self._pos, self.offset
+        t = buf[p]
+        if t in (F.QEMU_VM_SECTION_START, F.QEMU_VM_SECTION_FULL):
+            if not self._have(6):
+                return None
+            (sid,) = _BE32.unpack_from(buf, p + 1)
+            n = buf[p + 5]
+            if not self._have(6 + n + 8):
+                return None
+            idstr = bytes(buf[p + 6: p + 6 + n]).decode("latin-1")
+            instance_id, version_id = struct.unpack_from(">II", buf, p + 6 + n)
+            kind, size = self._describe(idstr, instance_id, version_id)
+            sec = _Section(idstr, instance_id, version_id, kind, size or 0)
+            self._sections[sid] = sec
+            self._pos = p + 6 + n + 8
+        elif t in (F.QEMU_VM_SECTION_PART, F.QEMU_VM_SECTION_END):
+            if not self._have(5):
+                return None
+            (sid,) = _BE32.unpack_from(buf, p + 1)
+            sec = self._sections.get(sid)
+            if sec is None:
+                raise StreamError(f"Unknown savevm section {sid}", off)
+            self._pos = p + 5
+        elif t == F.QEMU_VM_EOF:
+            self._pos = p + 1
+            self._state = _S_AFTER_EOF
+            return EOF(off)
+        else:
+            raise StreamError(f"Unknown savevm section type {t}", off)
+        self._current = sec
+        self._current_id = sid
+        self._state = _S_RAM if sec.kind == "ram" else _S_DEVICE
+        return SectionHeader(off, t, sid, sec.idstr, sec.instance_id, sec.version_id, sec.kind)
+
+    def _device(self):
+        sec = self._current
+        if not self._have(sec.size):
+            return None
+        off = self.offset
+        data = bytes(self._buf[self._pos: self._pos + sec.size])
+        self._pos += sec.size
+        self._state = _S_FOOTER
+        return DeviceState(off, sec.idstr, sec.version_id, data)
+
+    def _footer(self):
+        if not self._have(1):
+            return None
+        off = self.offset
+        sec = self._current
+        if self._buf[self._pos] != F.QEMU_VM_SECTION_FOOTER:
+            raise StreamError(f"Missing section footer for {sec.idstr}", off)
+        if not self._have(5):
+            return None
+        (sid,) = _BE32.unpack_from(self._buf, self._pos + 1)
+        if sid != self._current_id:
+            raise StreamError(f"Mismatched section id in footer for {sec.idstr} - "
+                              f"read 0x{sid:x} expected 0x{self._current_id:x}", off + 1)
+        self._pos += 5
+        self._current = None
+        self._state = _S_TOP
+        return Footer(off, sid)
+
+    def _ram_record(self):
+        if not self._have(8):
+            return None
+        buf, p, off = self._buf, self._pos, self.offset
+        (word,) = _BE64.unpack_from(buf, p)
+        flags = word & ~F.TARGET_PAGE_MASK
+        addr = word & F.TARGET_PAGE_MASK
+        if flags == F.RAM_SAVE_FLAG_EOS:
+            self._pos = p + 8
+            self._state = _S_FOOTER
+            return RamEOS(off)
+        if flags == F.RAM_SAVE_FLAG_MEM_SIZE:
+            return self._mem_size(off, addr)
+        kind = flags & ~F.RAM_SAVE_FLAG_CONTINUE
+        if kind not in (F.RAM_SAVE_FLAG_ZERO, F.RAM_SAVE_FLAG_PAGE, F.RAM_SAVE_FLAG_XBZRLE):
+            raise StreamError(f"Unknown combination of migration flags: 0x{flags:x}", off)
+        q = p + 8
+        if flags & F.RAM_SAVE_FLAG_CONTINUE:
+            block = self._last_block
+            if block is None:
+                raise StreamError("RAM record continues a block, but no block was named before it",
+                                  off)
+            named = False
+        else:
+            if not self._have(9):
+                return None
+            n = buf[q]
+            if not self._have(9 + n):
+                return None
+            block = bytes(buf[q + 1: q + 1 + n]).decode("latin-1")
+            q += 1 + n
+            named = True
+        if kind == F.RAM_SAVE_FLAG_PAGE:
+            end = q + F.TARGET_PAGE_SIZE
+            if not self._have(end - p):
+                return None
+            rec = RamPage(off, block, addr, bytes(buf[q:end]), named)
+        elif kind == F.RAM_SAVE_FLAG_ZERO:
+            if not self._have(q + 1 - p):
+                return None
+            end = q + 1
+            rec = RamZero(off, block, addr, buf[q], named)
+        else:
+            if not self._have(q + 3 - p):
+                return None
+            if buf[q] != F.ENCODING_FLAG_XBZRLE:
+                raise StreamError("Failed to load XBZRLE page - wrong compression!", self._base + q)
+            (n,) = struct.unpack_from(">H", buf, q + 1)
+            if n > F.TARGET_PAGE_SIZE:
+                raise StreamError("Failed to load XBZRLE page - len overflow!", self._base + q + 1)
+            end = q + 3 + n
+            if not self._have(end - p):
+                return None
+            rec = RamXbzrle(off, block, addr, bytes(buf[q + 3:end]), named)
+        self._last_block = block
+        self._pos = end
+        return rec
+
+    def _mem_size(self, off, total):
+        # Parse the whole block list before consuming anything, so a partial list waits for
+        # more bytes instead of leaving the parser half-way through a record.
+        buf, q = self._buf, self._pos + 8
+        blocks = []
+        remaining = total
+        while remaining > 0:
+            if len(blocks) >= MAX_RAM_BLOCKS:
+                raise StreamError(f"MEM_SIZE lists more than {MAX_RAM_BLOCKS} RAM blocks", off)
+            if not self._have(q + 1 - self._pos):
+                return None
+            n = buf[q]
+            if not self._have(q + 1 + n + 8 - self._pos):
+                return None
+            name = bytes(buf[q + 1: q + 1 + n]).decode("latin-1")
+            (length,) = _BE64.unpack_from(buf, q + 1 + n)
+            if length == 0 or length > remaining:
+                raise StreamError(f"MEM_SIZE total 0x{total:x} does not match the RAM block "
+                                  f"lengths (block \"{name}\" has 0x{length:x})", self._base + q)
+            blocks.append((name, length))
+            remaining -= length
+            q += 1 + n + 8
+        self._pos = q
+        return RamMemSize(off, total, blocks)
+
+    def _after_eof(self):
+        off = self.offset
+        if len(self._buf) - self._pos < 1:
+            if not self._eof:
+                return None
+            self._state = _S_END
+            # QEMU reads a 0 byte past the end of the file and reports that.
+            return End(off, "Expected vmdescription section, but got 0")
+        t = self._buf[self._pos]
+        if t != F.QEMU_VM_VMDESCRIPTION:
+            self._state = _S_END
+            return End(off, f"Expected vmdescription section, but got {t}")
+        if not self._have(5):
+            return None
+        (n,) = _BE32.unpack_from(self._buf, self._pos + 1)
+        if n > MAX_VMDESC:
+            raise StreamError(f"vmdesc of {n} bytes is larger than {MAX_VMDESC}", off + 1)
+        if not self._have(5 + n):
+            return None
+        data = bytes(self._buf[self._pos + 5: self._pos + 5 + n])
+        self._pos += 5 + n
+        self._state = _S_END
+        return VMDesc(off, data)
+
+
+def parse_bytes(data: bytes, describe):
+    """All records of a complete stream held in memory (tests, small streams)."""
+    p = Parser(describe)
+    p.feed(data)
+    p.feed_eof()
+    out = []
+    while True:
+        rec = p.next()
+        out.append(rec)
+        if isinstance(rec, End):
+            return out

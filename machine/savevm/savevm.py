@@ -1,0 +1,255 @@
+"""The savevm container (QEMU's migration/savevm.c): begin, iterate, complete; and load.
+
+Saving: ``OutgoingStream`` writes the header and configuration, a START section for every live
+handler, PART rounds until the live handlers are done, then END sections, a FULL section for
+each device in registration order, EOF and the vmdesc JSON. A snapshot and a migration run this
+same sequence; only the sink differs.
+
+Loading: ``Loader`` consumes records from the one parser, checks each against the local machine
+and, when ``apply`` is set, writes RAM as it goes. Device state is only staged; ``commit()``
+applies it once the whole stream has been read. A loadvm from a file runs the loader twice:
+once to check everything without touching the machine, then to apply, so a broken stream
+leaves the machine exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..devices import LoadError
+from ..vmstate import VMStateError
+from . import format as F
+from .records import (EOF, Configuration, DeviceState, End, Footer, Header, Parser, RamEOS,
+                      RamMemSize, RamPage, RamXbzrle, RamZero, SectionHeader, StreamError,
+                      VMDesc)
+from .ram import RamLoadState
+
+# One iterate round of a savevm runs at most this long (QEMU's MAX_WAIT in ram_save_iterate).
+ITERATE_ROUND_S = 0.05
+
+
+def _section_header(w, se, section_type):
+    w.put_u8(section_type)
+    w.put_be32(se.section_id)
+    if section_type in (F.QEMU_VM_SECTION_START, F.QEMU_VM_SECTION_FULL):
+        w.put_counted(se.idstr.encode())
+        w.put_be32(se.instance_id)
+        w.put_be32(se.version_id)
+
+
+def _section_footer(w, se):
+    w.put_u8(F.QEMU_VM_SECTION_FOOTER)
+    w.put_be32(se.section_id)
+
+
+class OutgoingStream:
+    """One outgoing stream of ``machine``'s state into writer ``w``."""
+
+    def __init__(self, machine, w, trace=None):
+        self.machine = machine
+        self.w = w
+        self.entries = [se for se in machine.entries if se.active]
+        # Each live handler keeps per-stream state (its dirty bitmap, its cursor).
+        self.live = [(se, se.live()) for se in self.entries if se.live is not None]
+        self.trace = trace or (lambda name, *args: None)
+
+    def header(self):
+        self.trace("savevm_state_header")
+        w = self.w
+        w.put_be32(F.QEMU_VM_FILE_MAGIC)
+        w.put_be32(F.QEMU_VM_FILE_VERSION)
+        name = self.machine.type_name.encode()
+        w.put_u8(F.QEMU_VM_CONFIGURATION)
+        w.put_be32(len(name))
+        w.put_bytes(name)
+
+    def setup(self):
+        self.trace("savevm_state_setup")
+        for se, state in self.live:
+            self.trace("savevm_section_start", se.idstr, se.section_id)
+            _section_header(self.w, se, F.QEMU_VM_SECTION_START)
+            state.setup(self.w)
+            _section_footer(self.w, se)
+            self.trace("savevm_section_end", se.idstr, se.section_id, 0)
+
+    def iterate(self, deadline=None, max_bytes=None) -> bool:
+        """One PART round of every live section; True when all of them have nothing left."""
+        self.trace("savevm_state_iterate")
+        done = True
+        for se, state in self.live:
+            self.trace("savevm_section_start", se.idstr, se.section_id)
+            _section_header(self.w, se, F.QEMU_VM_SECTION_PART)
+            finished = state.iterate(self.w, deadline, max_bytes)
+            _section_footer(self.w, se)
+            self.trace("savevm_section_end", se.idstr, se.section_id, 1 if finished else 0)
+            done = done and finished
+        return done
+
+    def complete(self):
+        """END for live sections, FULL for devices, EOF, vmdesc. The guest must be stopped."""
+        self.trace("savevm_state_complete_precopy")
+        w = self.w
+        for se, state in self.live:
+            self.trace("savevm_section_start", se.idstr, se.section_id)
+            _section_header(w, se, F.QEMU_VM_SECTION_END)
+            state.complete(w)
+            _section_footer(w, se)
+            self.trace("savevm_section_end", se.idstr, se.section_id, 0)
+        devices = []
+        for se in self.entries:
+            if se.device is None:
+                continue
+            self.trace("savevm_section_start", se.idstr, se.section_id)
+            _section_header(w, se, F.QEMU_VM_SECTION_FULL)
+            w.put_bytes(se.device.save())
+            _section_footer(w, se)
+            self.trace("savevm_section_end", se.idstr, se.section_id, 0)
+            devices.append(se.device.vmsd.vmdesc(se.idstr, se.instance_id))
+        w.put_u8(F.QEMU_VM_EOF)
+        desc = json.dumps({"page_size": F.TARGET_PAGE_SIZE, "devices": devices}).encode()
+        w.put_u8(F.QEMU_VM_VMDESCRIPTION)
+        w.put_be32(len(desc))
+        w.put_bytes(desc)
+        w.flush()
+
+    def cleanup(self):
+        self.trace("savevm_state_cleanup")
+
+
+def save_stream(machine, w, trace=None) -> int:
+    """Write a whole savevm stream of a stopped machine; returns its size in bytes."""
+    out = OutgoingStream(machine, w, trace)
+    try:
+        out.header()
+        out.setup()
+        while not out.iterate(deadline=time.monotonic() + ITERATE_ROUND_S):
+            pass
+        out.complete()
+    finally:
+        out.cleanup()
+    return w.bytes_written
+
+
+class Loader:
+    """Checks (and with ``apply``, loads) a stream into ``machine``, record by record."""
+
+    def __init__(self, machine, apply: bool, trace=None):
+        self.machine = machine
+        self.apply = apply
+        self.trace = trace or (lambda name, *args: None)
+        self.by_name = {(se.idstr, se.instance_id): se for se in machine.entries}
+        self.ram = RamLoadState(machine.ram)
+        self.staged: dict[str, dict] = {}  # idstr -> decoded device values
+        self.section: SectionHeader | None = None
+        self.warning: str | None = None
+        self.finished = False
+        self.parser = Parser(self.describe)
+
+    def describe(self, idstr, instance_id, version_id):
+        se = self.by_name.get((idstr, instance_id))
+        if se is None or not se.active:
+            raise StreamError(
+                f"Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that "
+                "your current VM setup matches your saved VM setup, including any hotplugged "
+                "devices", self.parser.offset)
+        if version_id > se.version_id:
+            raise StreamError(f"savevm: unsupported version {version_id} for '{idstr}' "
+                              f"v{se.version_id}", self.parser.offset)
+        if version_id < se.minimum_version_id:
+            name = se.device.vmsd.name if se.device is not None else idstr
+            raise StreamError(f"{name}: incoming version_id {version_id} is too old for local "
+                              f"minimum version_id  {se.minimum_version_id}", self.parser.offset)
+        if se.live is not None:
+            return "ram", None
+        return "device", se.device.vmsd.size(version_id)
+
+    def feed(self, data):
+        self.parser.feed(data)
+        self._drain()
+
+    def feed_eof(self):
+        self.parser.feed_eof()
+        self._drain()
+        if not self.finished:
+            raise StreamError("truncated stream: it ends before its EOF section",
+                              self.parser.offset)
+
+    def _drain(self):
+        parser = self.parser
+        ram = self.ram
+        apply = self.apply
+        while not self.finished:
+            rec = parser.next()
+            if rec is None:
+                return
+            t = type(rec)
+            if t is RamPage:
+                ram.page(rec, apply)
+            elif t is RamZero:
+                ram.zero(rec, apply)
+            elif t is RamXbzrle:
+                ram.xbzrle(rec, apply)
+            else:
+                self._record(rec)
+
+    def _record(self, rec):
+        t = type(rec)
+        if t is SectionHeader:
+            self.section = rec
+            if rec.section_type in (F.QEMU_VM_SECTION_START, F.QEMU_VM_SECTION_FULL):
+                self.trace("qemu_loadvm_state_section_startfull", rec.section_id, rec.idstr,
+                           rec.instance_id, rec.version_id)
+            else:
+                self.trace("qemu_loadvm_state_section_partend", rec.section_id)
+            self.trace("qemu_loadvm_state_section", rec.section_type)
+        elif t is RamMemSize:
+            self.ram.mem_size(rec)
+        elif t is DeviceState:
+            se = self.by_name[(rec.idstr, self.section.instance_id)]
+            try:
+                values = se.device.vmsd.decode(rec.data, rec.version_id)
+                se.device.check(values)
+            except (LoadError, VMStateError) as e:
+                raise StreamError(str(e), rec.offset) from None
+            self.staged[rec.idstr] = values
+        elif t is Configuration:
+            local = self.machine.type_name
+            # QEMU compares only as many bytes as it received (strncmp with the received length).
+            if not local.startswith(rec.name):
+                raise StreamError(f"Machine type received is '{rec.name}' and local is "
+                                  f"'{local}'", rec.offset)
+        elif t is EOF:
+            self.trace("qemu_loadvm_state_post_main", 0)
+        elif t is End:
+            self.warning = rec.warning
+            self.finished = True
+        elif t in (Header, Footer, RamEOS, VMDesc):
+            pass
+
+    def commit(self):
+        """Apply the staged device state (after every byte of the stream was accepted)."""
+        for se in self.machine.entries:
+            values = self.staged.get(se.idstr)
+            if values is not None and se.device is not None:
+                se.device.post_load(values)
+
+
+def check_then_load(machine, open_source, trace=None, chunk: int = 1 << 20):
+    """All-or-nothing load from a re-readable source.
+
+    ``open_source()`` returns a fresh binary file object each call. The first pass checks every
+    record and stages device state without writing anything; only if it succeeds does the second
+    pass write RAM and the staged state is applied. Returns the loader's warning, if any.
+    """
+    for apply in (False, True):
+        loader = Loader(machine, apply, trace if apply else None)
+        with open_source() as f:
+            while True:
+                data = f.read(chunk)
+                if not data:
+                    break
+                loader.feed(data)
+        loader.feed_eof()
+    loader.commit()
+    return loader.warning

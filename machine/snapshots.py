@@ -1,0 +1,210 @@
+"""The snapshot store: one plain stream file per snapshot, beside a small JSON metadata file.
+
+Layout of the snapshot directory:
+
+- ``<name>.json``: metadata (tag, id, date, virtual clock at save, size, stream file name),
+  where ``<name>`` is the tag with every byte outside ``[A-Za-z0-9_-]`` written as ``%XX``, so
+  no tag can name a path outside the directory.
+- ``<name>.<pid>-<nonce>.vmstate``: exactly the bytes of the savevm stream.
+- ``.tmp-<pid>-<nonce>.*``: files being written.
+
+A save writes the stream to a temporary file, fsyncs and renames it, then does the same for the
+metadata, whose rename is the moment the snapshot (or its replacement) exists. A crash at any
+point leaves either the old snapshot or the new one, never a partial one; leftovers of a dead
+writer are removed when a store is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+# QEMU keeps snapshot names in a 256-byte field and cuts longer ones.
+MAX_TAG_BYTES = 255
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def truncate_tag(tag: str) -> str:
+    """QEMU cuts snapshot names to 255 bytes; cut on a character boundary."""
+    data = tag.encode("utf-8")
+    if len(data) <= MAX_TAG_BYTES:
+        return tag
+    return data[:MAX_TAG_BYTES].decode("utf-8", "ignore")
+
+
+@dataclass
+class SnapshotInfo:
+    tag: str
+    id: int
+    date: float  # seconds since the epoch
+    vm_clock_ns: int
+    vm_state_size: int
+    stream: str  # file name inside the directory
+    machine: str = ""
+    ram_size: int = 0
+
+
+def _encode(tag: str) -> str:
+    out = []
+    for b in tag.encode("utf-8"):
+        c = chr(b)
+        out.append(c if (c.isascii() and (c.isalnum() or c in "_-")) else f"%{b:02X}")
+    stem = "".join(out) or "%"  # the empty tag, which QEMU allows, still needs a file name
+    if len(stem) > 160:
+        # Keep file names under NAME_MAX: a readable prefix and a hash of the whole tag.
+        stem = stem[:120] + "~" + hashlib.sha256(tag.encode("utf-8")).hexdigest()[:24]
+    return stem
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SnapshotStore:
+    def __init__(self, directory: str):
+        self.dir = os.path.abspath(os.path.expanduser(directory))
+        os.makedirs(self.dir, exist_ok=True)
+        self.cleanup()
+
+    # Reading ---------------------------------------------------------------------------------
+    def list(self) -> list[SnapshotInfo]:
+        out = []
+        try:
+            names = os.listdir(self.dir)
+        except OSError as e:
+            raise SnapshotError(f"Could not read snapshot directory '{self.dir}': "
+                                f"{e.strerror}") from None
+        for name in names:
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            info = self._read_meta(name)
+            if info is not None:
+                out.append(info)
+        out.sort(key=lambda i: i.id)
+        return out
+
+    def _read_meta(self, name: str) -> SnapshotInfo | None:
+        """Metadata whose stream file is present and complete; anything else is ignored."""
+        try:
+            with open(os.path.join(self.dir, name), encoding="utf-8") as f:
+                d = json.load(f)
+            info = SnapshotInfo(tag=str(d["tag"]), id=int(d["id"]), date=float(d["date"]),
+                                vm_clock_ns=int(d["vm_clock_ns"]),
+                                vm_state_size=int(d["vm_state_size"]), stream=str(d["stream"]),
+                                machine=str(d.get("machine", "")),
+                                ram_size=int(d.get("ram_size", 0)))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if os.path.basename(info.stream) != info.stream or _encode(info.tag) + ".json" != name:
+            return None
+        try:
+            if os.path.getsize(os.path.join(self.dir, info.stream)) != info.vm_state_size:
+                return None
+        except OSError:
+            return None
+        return info
+
+    def find(self, tag: str) -> SnapshotInfo | None:
+        name = _encode(tag) + ".json"
+        if not os.path.exists(os.path.join(self.dir, name)):
+            return None
+        return self._read_meta(name)
+
+    def stream_path(self, info: SnapshotInfo) -> str:
+        return os.path.join(self.dir, info.stream)
+
+    # Writing ---------------------------------------------------------------------------------
+    def save(self, tag: str, write_stream, vm_clock_ns: int, machine: str = "",
+             ram_size: int = 0) -> SnapshotInfo:
+        """Write a snapshot atomically. ``write_stream(fd)`` writes the stream and returns its
+        size. An existing snapshot with the same tag is replaced only once the new one is
+        complete; on any failure every earlier snapshot is left as it was."""
+        nonce = f"{os.getpid()}-{secrets.token_hex(4)}"
+        enc = _encode(tag)
+        tmp_stream = os.path.join(self.dir, f".tmp-{nonce}.vmstate")
+        final_stream = f"{enc}.{nonce}.vmstate"
+        tmp_meta = os.path.join(self.dir, f".tmp-{nonce}.json")
+        old = self.find(tag)
+        try:
+            fd = os.open(tmp_stream, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                size = write_stream(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_stream, os.path.join(self.dir, final_stream))
+            ids = [i.id for i in self.list()]
+            info = SnapshotInfo(tag=tag, id=max(ids, default=0) + 1, date=time.time(),
+                                vm_clock_ns=vm_clock_ns, vm_state_size=size,
+                                stream=final_stream, machine=machine, ram_size=ram_size)
+            with open(tmp_meta, "x", encoding="utf-8") as f:
+                json.dump(info.__dict__, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp_meta, os.path.join(self.dir, enc + ".json"))
+            _fsync_dir(self.dir)
+        except BaseException:
+            for p in (tmp_stream, tmp_meta, os.path.join(self.dir, final_stream)):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            raise
+        if old is not None and old.stream != final_stream:
+            self._unlink(old.stream)
+        return info
+
+    def delete(self, tag: str) -> bool:
+        info = self.find(tag)
+        if info is None:
+            return False
+        # Removing the metadata is the atomic step; the stream file is then an orphan.
+        os.unlink(os.path.join(self.dir, _encode(tag) + ".json"))
+        _fsync_dir(self.dir)
+        self._unlink(info.stream)
+        return True
+
+    def _unlink(self, name: str):
+        try:
+            os.unlink(os.path.join(self.dir, name))
+        except OSError:
+            pass
+
+    def cleanup(self):
+        """Remove what dead writers left: temporary files and unreferenced stream files."""
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        referenced = {i.stream for i in self.list()}
+        for name in names:
+            if name.startswith(".tmp-"):
+                pid = name[5:].split("-", 1)[0]
+            elif name.endswith(".vmstate") and name not in referenced:
+                pid = name.rsplit(".", 2)[-2].split("-", 1)[0] if name.count(".") >= 2 else ""
+            else:
+                continue
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue  # another live qmon is writing it
+            self._unlink(name)

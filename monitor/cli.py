@@ -1,0 +1,211 @@
+"""qmon's command line, in QEMU's spellings, and the choice of front end."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from machine import QEMU_VERSION, __version__
+
+USAGE = """\
+usage: qmon [options]
+
+A QEMU monitor you can learn from: a simulated machine that saves, restores and live-migrates
+itself with QEMU 7.2's savevm protocol (version 3), driven by QEMU's human monitor commands.
+
+Options (QEMU's spellings):
+  -m SIZE            guest RAM (default 128M; K, M, G suffixes; a bare number is MiB)
+  -M TYPE            machine type: lab (default) or none; '-M help' lists them
+  -S                 start paused, in 'paused (prelaunch)'
+  -name NAME         the machine's name ('info name')
+  -workload SPEC     the guest program: idle | counter[,start=A][,size=S][,speed=PAGES/S]
+                     | dirty,rate=BYTES/S,wss=SIZE[,start=A][,seed=N]
+                     (default: counter on lab, idle on none)
+  -mem-path FILE     back guest RAM with a shared mapping of FILE (created or extended)
+  -snapshot-dir DIR  where snapshots live (default $QMON_SNAPSHOT_DIR, else
+                     $XDG_DATA_HOME/qmon/snapshots, i.e. ~/.local/share/qmon/snapshots)
+  -serial stdio|none where the guest's serial output goes (default none)
+  -f FILE            run monitor commands from FILE, one a line, printing a transcript
+  --version          print the version and exit
+  --help, -h         print this help and exit
+
+Without -f, commands are read from stdin when it is not a terminal; otherwise the interactive
+console starts. Scripted runs exit with status 1 if any command failed.
+"""
+
+# QEMU options that qmon accepts and ignores, so QEMU command lines can be pasted.
+_IGNORED_WITH_ARG = {"-display", "-monitor", "-nographic"}
+_IGNORED_FLAGS = {"-nodefaults", "-no-user-config"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def default_snapshot_dir() -> str:
+    env = os.environ.get("QMON_SNAPSHOT_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "share")
+    return os.path.join(base, "qmon", "snapshots")
+
+
+def parse_argv(argv: list[str]) -> dict:
+    from machine.units import parse_size
+
+    opts = {"ram": 128 << 20, "machine": "lab", "paused": False, "name": None,
+            "workload": None, "mem_path": None, "snapshot_dir": None, "script": None,
+            "serial": "none", "action": None}
+    i = 0
+
+    def value(opt):
+        nonlocal i
+        if i + 1 >= len(argv):
+            raise UsageError(f"{opt}: requires an argument")
+        i += 1
+        return argv[i]
+
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and a not in ("--help", "--version"):
+            a = a[1:]  # QEMU accepts --opt for -opt
+        if a in ("--help", "-h", "-help"):
+            opts["action"] = "help"
+        elif a in ("--version", "-version"):
+            opts["action"] = "version"
+        elif a == "-m":
+            v = value(a)
+            v = v[5:] if v.startswith("size=") else v
+            try:
+                opts["ram"] = parse_size(v, default_suffix="M")
+            except ValueError:
+                raise UsageError(f"-m {v}: invalid RAM size") from None
+            if opts["ram"] <= 0 or opts["ram"] % 4096:
+                raise UsageError(f"-m {v}: RAM size must be a positive multiple of 4 KiB")
+        elif a in ("-M", "-machine"):
+            v = value(a).split(",")[0]
+            v = v[5:] if v.startswith("type=") else v
+            opts["machine"] = v
+        elif a == "-S":
+            opts["paused"] = True
+        elif a == "-name":
+            opts["name"] = value(a).split(",")[0]
+        elif a == "-workload":
+            opts["workload"] = value(a)
+        elif a == "-mem-path":
+            opts["mem_path"] = value(a)
+        elif a == "-snapshot-dir":
+            opts["snapshot_dir"] = value(a)
+        elif a == "-serial":
+            v = value(a)
+            if v not in ("stdio", "none"):
+                raise UsageError(f"-serial {v}: qmon supports 'stdio' and 'none'")
+            opts["serial"] = v
+        elif a == "-f":
+            opts["script"] = value(a)
+        elif a in _IGNORED_WITH_ARG:
+            if a != "-nographic":
+                value(a)
+        elif a in _IGNORED_FLAGS:
+            pass
+        else:
+            raise UsageError(f"{a}: invalid option")
+        i += 1
+    return opts
+
+
+def machine_help() -> str:
+    from machine.machine import MACHINE_TYPES
+
+    lines = ["Supported machines are:"]
+    for mt in MACHINE_TYPES.values():
+        lines.append(f"{mt.name:<20} {mt.desc}{' (default)' if mt.is_default else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts = parse_argv(argv)
+    except UsageError as e:
+        print(f"qmon: {e}", file=sys.stderr)
+        return 1
+    if opts["action"] == "help":
+        print(USAGE, end="")
+        return 0
+    if opts["action"] == "version":
+        print(f"qmon version {__version__} (QEMU {'.'.join(map(str, QEMU_VERSION))} "
+              "savevm protocol and monitor)")
+        return 0
+    from machine.machine import MACHINE_TYPES
+
+    if opts["machine"] in ("help", "?"):
+        print(machine_help())
+        return 0
+    if opts["machine"] not in MACHINE_TYPES:
+        print(f"qmon: -M {opts['machine']}: unsupported machine type\n"
+              "Use -machine help to list supported machines", file=sys.stderr)
+        return 1
+    try:
+        return _run(opts)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(opts) -> int:
+    from machine.machine import Machine
+    from machine.snapshots import SnapshotStore
+    from machine.workloads import WorkloadError
+
+    from .session import Session
+
+    try:
+        machine = Machine(opts["machine"], opts["ram"], opts["mem_path"], opts["workload"],
+                          opts["name"], serial_stdio=opts["serial"] == "stdio")
+    except WorkloadError as e:
+        print(f"qmon: -workload: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        what = f"-mem-path {opts['mem_path']}" if opts["mem_path"] else "-m"
+        print(f"qmon: {what}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    try:
+        store = SnapshotStore(opts["snapshot_dir"] or default_snapshot_dir())
+    except OSError as e:
+        print(f"qmon: -snapshot-dir: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+    lock = threading.Lock()
+
+    def out(text: str):
+        with lock:
+            print(text, flush=True)
+
+    machine.output = out
+    machine.start(paused=opts["paused"])
+    session = Session(machine, store, out)
+    try:
+        if opts["script"] is not None:
+            from .batch import run_batch
+            try:
+                f = open(opts["script"], encoding="utf-8")
+            except OSError as e:
+                print(f"qmon: -f {opts['script']}: {e.strerror}", file=sys.stderr)
+                return 1
+            with f:
+                return run_batch(session, f, out)
+        if not sys.stdin.isatty():
+            from .batch import run_batch
+            return run_batch(session, sys.stdin, out)
+        from .console import run_console
+        banner = (f"QEMU {'.'.join(map(str, QEMU_VERSION))} monitor (qmon {__version__}) - "
+                  "type 'help' for more information")
+        return run_console(session, banner)
+    finally:
+        machine.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

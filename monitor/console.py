@@ -1,0 +1,118 @@
+"""The interactive console: a prompt_toolkit PromptSession speaking QEMU's monitor dialect."""
+
+from __future__ import annotations
+
+import os
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.lexers import PygmentsLexer
+from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.styles import Style
+
+from . import render
+from .commands import INFO, TOP, find, sorted_table
+from .lexer import MonitorLexer
+from .session import QuitRequest
+
+STYLE = Style.from_dict({
+    "bottom-toolbar": "noreverse bg:#303030 #d0d0d0",
+    "pygments.keyword": "#5fafff bold",
+    "pygments.name.function": "#87d787",
+    "pygments.number": "#d7af5f",
+    "pygments.string": "#d787af",
+    "pygments.name.variable": "#afafff",
+    "pygments.name.attribute": "#5fd7d7",
+})
+
+
+class MonitorCompleter(Completer):
+    """Command names (with their help as meta), info subcommands, snapshot tags after
+    savevm/loadvm/delvm, and file paths where a command takes a file."""
+
+    def __init__(self, session):
+        self.session = session
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        words = text.split()
+        if text and not text[-1].isspace():
+            current = words.pop() if words else ""
+        else:
+            current = ""
+        if not words:
+            yield from self._names(TOP, current)
+            return
+        cmd = find(TOP, words[0])
+        if cmd is None:
+            return
+        if cmd.name == "info" or (cmd.name == "help|?" and len(words) == 2 and words[1] == "info"):
+            if len(words) == (1 if cmd.name == "info" else 2):
+                yield from self._names(INFO, current)
+            return
+        if cmd.name == "help|?" and len(words) == 1:
+            yield from self._names(TOP, current)
+            return
+        if cmd.completion == "tag" and len(words) == 1:
+            try:
+                tags = [i.tag for i in self.session.store.list()]
+            except Exception:
+                tags = []
+            for tag in tags:
+                if tag.startswith(current):
+                    yield Completion(tag, start_position=-len(current))
+        elif cmd.completion == "file" and len(words) == len(cmd.specs):
+            sub = Document(current, len(current))
+            yield from self.paths.get_completions(sub, complete_event)
+
+    @staticmethod
+    def _names(table, prefix):
+        for cmd in sorted_table(table):
+            for name in cmd.names:
+                if name.startswith(prefix):
+                    yield Completion(name, start_position=-len(prefix), display_meta=cmd.help)
+
+
+def history_path() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                             "state")
+    return os.path.join(base, "qmon", "history")
+
+
+def run_console(session, banner: str) -> int:
+    machine = session.machine
+    path = history_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        history = FileHistory(path)
+    except OSError:
+        from prompt_toolkit.history import InMemoryHistory
+        history = InMemoryHistory()
+    ps = PromptSession(
+        "(qemu) ",
+        history=history,
+        completer=MonitorCompleter(session),
+        complete_while_typing=False,
+        lexer=PygmentsLexer(MonitorLexer),
+        bottom_toolbar=lambda: render.toolbar(machine),
+        style=STYLE,
+    )
+    # The machine thread only asks for a redraw; the toolbar reads a fresh snapshot itself.
+    machine.add_listener(lambda: ps.app.invalidate())
+    print(banner)
+    with patch_stdout(raw=True):
+        while True:
+            try:
+                line = ps.prompt()
+            except KeyboardInterrupt:
+                continue  # Ctrl-C clears the line, as in QEMU's readline
+            except EOFError:
+                break
+            try:
+                session.execute(line)
+            except QuitRequest:
+                break
+    return 0
