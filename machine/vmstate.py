@@ -40,6 +40,8 @@ class Field:
             object.__setattr__(self, "size", _SCALARS[self.type][1])
         elif self.type not in ("buffer", "unused_buffer"):
             raise ValueError(f"unknown vmstate type {self.type}")
+        if self.type == "bool":
+            object.__setattr__(self, "default", bool(self.default))
         if self.type in ("buffer", "unused_buffer") and self.default == 0:
             object.__setattr__(self, "default", bytes(self.size))
 

@@ -33,5 +33,8 @@ class Cpu(Device):
     vmsd = cpu_vmsd(2)
 
     def pre_save(self):
-        self.state["tsc"] = self.machine.clock.now_ns()
-        return self.state
+        # The TSC counts with the virtual clock (1 GHz); the timer section restores the clock.
+        return dict(self.state, tsc=self.machine.clock.now_ns())
+
+    def post_load(self, values):
+        self.state = dict(values, tsc=0)

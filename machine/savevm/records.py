@@ -152,7 +152,7 @@ class _Section:
 
 
 # Parser states.
-_S_HEADER, _S_CONFIG, _S_TOP, _S_RAM, _S_DEVICE, _S_FOOTER, _S_AFTER_EOF, _S_END = range(8)
+_S_HEADER, _S_CONFIG, _S_TOP, _S_RAM, _S_DEVICE, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE = range(9)
 
 _RAM_KIND_FLAGS = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_XBZRLE
 
@@ -215,7 +215,14 @@ class Parser:
             return self._config()
         if state == _S_AFTER_EOF:
             return self._after_eof()
-        return End(self.offset)
+        if state == _S_END:
+            self._state = _S_DONE
+            return End(self.offset)
+        return None  # after End: nothing more, whatever is fed
+
+    @property
+    def done(self) -> bool:
+        return self._state == _S_DONE
 
     def records(self):
         """Iterate over the records available now (stops when more bytes are needed)."""
@@ -415,12 +422,12 @@ class Parser:
         if len(self._buf) - self._pos < 1:
             if not self._eof:
                 return None
-            self._state = _S_END
+            self._state = _S_DONE
             # QEMU reads a 0 byte past the end of the file and reports that.
             return End(off, "Expected vmdescription section, but got 0")
         t = self._buf[self._pos]
         if t != F.QEMU_VM_VMDESCRIPTION:
-            self._state = _S_END
+            self._state = _S_DONE
             return End(off, f"Expected vmdescription section, but got {t}")
         if not self._have(5):
             return None
