@@ -48,8 +48,20 @@ class Term:
     def wait_text(self, text, timeout=10.0):
         return self.wait_for(lambda s: text in s, timeout)
 
-    def prompt_line(self) -> str:
-        lines = [l for l in self.screen().splitlines() if l.startswith("(qemu)")]
+    def prompts(self) -> int:
+        return sum(1 for l in self.screen().splitlines() if l.startswith("(qemu)"))
+
+    def command(self, text):
+        """Type a command and wait until its output is done and a fresh prompt is ready."""
+        n = self.prompts()
+        self.type(text)
+        self.keys("Enter")
+        self.wait_for(lambda s: self.prompts() > n and self.prompt_line().rstrip() == "(qemu)")
+        time.sleep(0.2)  # the prompt is drawn; give the key reader a moment to take input
+
+    def prompt_line(self, screen=None) -> str:
+        screen = self.screen() if screen is None else screen
+        lines = [l for l in screen.splitlines() if l.startswith("(qemu)")]
         return lines[-1] if lines else ""
 
     def close(self):
@@ -78,13 +90,11 @@ def test_banner_prompt_and_toolbar(term):
     s = t.wait_text("paused (prelaunch)")
     assert "QEMU 7.2.0 monitor" in s and "type 'help' for more information" in s
     assert "RAM 16 MiB" in s and "workload counter" in s and "clock 00:00:00.000" in s
-    t.type("cont")
-    t.keys("Enter")
+    t.command("cont")
     s = t.wait_for(lambda s: " running |" in s)
     clock1 = s.split("clock ")[1][:12]
     s = t.wait_for(lambda s: " running |" in s and s.split("clock ")[1][:12] != clock1)
-    t.type("info status")
-    t.keys("Enter")
+    t.command("info status")
     t.wait_text("VM status: running")
 
 
@@ -98,8 +108,9 @@ def test_completion(term):
     t.wait_for(lambda s: t.prompt_line().startswith("(qemu) info status"))
     t.keys("Enter")
     t.wait_text("VM status: paused (prelaunch)")
-    t.type("savevm snapone")
-    t.keys("Enter")
+    t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu)")
+    time.sleep(0.2)
+    t.command("savevm snapone")
     t.type("loadvm sn")
     t.keys("Tab")
     t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu) loadvm snapone")
@@ -113,10 +124,8 @@ def test_completion(term):
 
 def test_history_persists_across_sessions(term):
     t = term("-m", "4M", "-S")
-    t.type("info name")
-    t.keys("Enter")
-    t.type("info version")
-    t.keys("Enter")
+    t.command("info name")
+    t.command("info version")
     t.wait_text("qmon 0.1.0)")
     t.keys("C-d")
     t.wait_text("QMON-EXITED 0")
@@ -128,11 +137,12 @@ def test_history_persists_across_sessions(term):
 
 
 def test_async_output_appears_above_the_prompt(term):
-    t = term("-m", "1M", "-S", "-serial", "stdio", "-workload", "counter,speed=20000")
-    t.type("cont")
-    t.keys("Enter")
+    # 256 pages at 1000 pages/s: a lap every 0.26 s
+    t = term("-m", "1M", "-S", "-serial", "stdio", "-workload", "counter,speed=1000")
+    t.command("cont")
     t.type("info wor")  # a half-typed line must survive the output printed above it
-    s = t.wait_for(lambda s: s.count("counter: lap") >= 3)
+    s = t.wait_for(lambda s: s.count("counter: lap") >= 3
+                   and t.prompt_line(s).rstrip() == "(qemu) info wor")
     lines = [l for l in s.splitlines() if l.strip()]
     prompt_at = max(i for i, l in enumerate(lines) if l.startswith("(qemu)"))
     assert lines[prompt_at].rstrip() == "(qemu) info wor"
