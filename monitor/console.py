@@ -8,6 +8,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory
+from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.lexers import PygmentsLexer
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
@@ -82,6 +83,18 @@ def history_path() -> str:
     return os.path.join(base, "qmon", "history")
 
 
+def _key_bindings() -> KeyBindings:
+    kb = KeyBindings()
+
+    @kb.add("c-c")
+    def _(event):
+        # Clear the line inside the running prompt rather than leaving it: between two prompts
+        # the terminal is in cooked mode and would echo whatever is typed next.
+        event.app.current_buffer.reset()
+
+    return kb
+
+
 def run_console(session, banner: str) -> int:
     machine = session.machine
     path = history_path()
@@ -99,6 +112,7 @@ def run_console(session, banner: str) -> int:
         lexer=PygmentsLexer(MonitorLexer),
         bottom_toolbar=lambda: render.toolbar(machine),
         style=STYLE,
+        key_bindings=_key_bindings(),
     )
     # The machine thread only asks for a redraw; the toolbar reads a fresh snapshot itself.
     machine.add_listener(lambda: ps.app.invalidate())
@@ -108,7 +122,7 @@ def run_console(session, banner: str) -> int:
             try:
                 line = ps.prompt()
             except KeyboardInterrupt:
-                continue  # Ctrl-C clears the line, as in QEMU's readline
+                continue
             except EOFError:
                 break
             try:

@@ -120,6 +120,21 @@ def test_completion(term):
     t.type("sa")
     t.keys("Tab")
     t.wait_for(lambda s: t.prompt_line().startswith("(qemu) savevm"))
+    t.keys("C-c")
+    t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu)")
+    t.type("s")
+    t.keys("Tab")
+    t.wait_text("pause the guest")  # the menu shows each command's help beside its name
+    t.keys("C-c")
+    t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu)")
+    t.type("help sys")
+    t.keys("Tab")
+    t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu) help system_reset")
+    t.keys("C-c")
+    # pmemsave's third argument is a file (qmon runs in the repository here)
+    t.type("pmemsave 0 16 READ")
+    t.keys("Tab")
+    t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu) pmemsave 0 16 README.md")
 
 
 def test_history_persists_across_sessions(term):
