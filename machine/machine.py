@@ -115,6 +115,20 @@ class Machine:
         self.workload.attach(self)
         self.workload.resync()
 
+        from .migration.state import CAPABILITIES, PARAMETER_DEFAULTS, MigrationState
+
+        self.migration = MigrationState()  # the outgoing side, as 'info migrate' shows it
+        self.incoming_state = MigrationState()
+        self.migration_job = None
+        self.incoming = None
+        self.incoming_deferred = False
+        self.params = dict(PARAMETER_DEFAULTS)
+        self.caps = {c: False for c in CAPABILITIES}
+        self.autostart = True
+        self.trace = None  # callable(event, *args) when trace events are on
+        self.event_listeners: list = []  # callables(name, data): QMP-style events
+        self.on_fatal = None  # callable(message): the front end ends the process
+
         self.output = None  # callable(str): messages for the user (serial lines, events)
         self._listeners: list = []
         self._requests: queue.Queue = queue.Queue()
@@ -124,10 +138,19 @@ class Machine:
         self._quit = False
 
     # Thread plumbing ---------------------------------------------------------------------------
-    def start(self, paused: bool = False):
+    def start(self, paused: bool = False, incoming: str | None = None):
+        """Start the machine thread. With ``incoming`` the guest waits for a migration stream
+        in 'paused (inmigrate)' (``defer``: until migrate_incoming names the URI)."""
+        self.autostart = not paused
         self._thread = threading.Thread(target=self._main_loop, name="machine", daemon=True)
         self._thread.start()
-        if not paused:
+        if incoming is not None:
+            self.run(self.set_runstate, RunState.INMIGRATE)
+            if incoming == "defer":
+                self.incoming_deferred = True
+            else:
+                self.run(self.start_incoming, incoming)
+        elif not paused:
             self.run(self.vm_start)
 
     def call(self, fn, *args, **kwargs) -> Future:
@@ -215,7 +238,8 @@ class Machine:
         if self.runstate in NEEDS_RESET:
             raise MachineError("Resetting the Virtual Machine is required")
         if self.runstate == RunState.INMIGRATE:
-            return  # QEMU sets autostart; the incoming side decides when it runs
+            self.autostart = True  # the incoming side starts the guest once loaded
+            return
         self.vm_start()
 
     def system_reset(self):
@@ -226,6 +250,91 @@ class Machine:
         if self.runstate not in (RunState.RUNNING, RunState.INMIGRATE,
                                  RunState.FINISH_MIGRATE):
             self.set_runstate(RunState.PRELAUNCH)
+
+    # Events and fatal errors -------------------------------------------------------------------
+    def emit_event(self, name: str, data: dict | None = None):
+        for fn in list(self.event_listeners):
+            try:
+                fn(name, data)
+            except Exception:
+                pass
+
+    def emit_migration_status(self, status: str):
+        if self.caps.get("events"):
+            self.emit_event("MIGRATION", {"status": status})
+        self.notify()
+
+    def fatal(self, message: str):
+        """An error QEMU ends the process for (a failed incoming migration)."""
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+        else:
+            import os
+            import sys
+            print(f"qmon: {message}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    # Migration ----------------------------------------------------------------------------------
+    def migrate(self, uri: str):
+        from .migration import state as S
+        from .migration.channels import ChannelError, parse_uri
+        from .migration.precopy import OutgoingMigration
+
+        if self.migration.status in (S.SETUP, S.ACTIVE, S.CANCELLING, S.PRE_SWITCHOVER,
+                                     S.DEVICE):
+            raise MachineError("There's a migration process in progress")
+        if self.runstate == RunState.INMIGRATE:
+            raise MachineError("Guest is waiting for an incoming migration")
+        if self.runstate == RunState.POSTMIGRATE:
+            raise MachineError("Can't migrate the vm that was paused due to previous migration")
+        try:
+            parse_uri(uri)
+        except ChannelError as e:
+            raise MachineError(str(e)) from None
+        self.migration = S.MigrationState()
+        job = OutgoingMigration(self, uri, self.params, self.caps, self.migration)
+        self.migration_job = job
+        job.start()
+        self.jobs.append(job)
+        return self.migration
+
+    def migrate_cancel(self):
+        job = self.migration_job
+        if job is not None:
+            job.cancel()
+
+    def migrate_continue(self, state: str):
+        from .migration import state as S
+
+        job = self.migration_job
+        if job is None or self.migration.status != state:
+            raise MachineError(f"Migration not in expected state: {self.migration.status}")
+        if state != S.PRE_SWITCHOVER:
+            raise MachineError(f"Migration not in expected state: {self.migration.status}")
+        job.continue_requested = True
+
+    def start_incoming(self, uri: str):
+        from .migration.channels import ChannelError
+        from .migration.incoming import IncomingMigration
+
+        try:
+            inc = IncomingMigration(self, uri)
+        except ChannelError as e:
+            raise MachineError(str(e)) from None
+        self.incoming = inc
+        inc.start()
+
+    def migrate_incoming(self, uri: str):
+        if not self.incoming_deferred:
+            raise MachineError("For use with '-incoming defer'")
+        if self.incoming is not None:
+            raise MachineError("The incoming migration has already been started")
+        self.start_incoming(uri)
+
+    def migration_active(self) -> bool:
+        from .migration import state as S
+
+        return self.migration.status not in (S.NONE,) + tuple(S.FINISHED)
 
     # Guest side --------------------------------------------------------------------------------
     def guest_print(self, text: str):

@@ -19,9 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
+
+# What qmon's own writers leave behind: temporary files, and stream files named after the
+# writer's pid and a nonce (unreferenced once their metadata is gone or was never written).
+_OURS = re.compile(r"^(?:\.tmp-(\d+)-[0-9a-f]{8}\.(?:vmstate|json)|"
+                   r"[A-Za-z0-9_%~-]+\.(\d+)-[0-9a-f]{8}\.vmstate)$")
 
 # QEMU keeps snapshot names in a 256-byte field and cuts longer ones.
 MAX_TAG_BYTES = 255
@@ -33,10 +39,10 @@ class SnapshotError(Exception):
 
 def truncate_tag(tag: str) -> str:
     """QEMU cuts snapshot names to 255 bytes; cut on a character boundary."""
-    data = tag.encode("utf-8")
+    data = tag.encode("utf-8", "surrogateescape")
     if len(data) <= MAX_TAG_BYTES:
         return tag
-    return data[:MAX_TAG_BYTES].decode("utf-8", "ignore")
+    return data[:MAX_TAG_BYTES].decode("utf-8", "surrogateescape")
 
 
 @dataclass
@@ -53,13 +59,14 @@ class SnapshotInfo:
 
 def _encode(tag: str) -> str:
     out = []
-    for b in tag.encode("utf-8"):
+    for b in tag.encode("utf-8", "surrogateescape"):
         c = chr(b)
         out.append(c if (c.isascii() and (c.isalnum() or c in "_-")) else f"%{b:02X}")
     stem = "".join(out) or "%"  # the empty tag, which QEMU allows, still needs a file name
     if len(stem) > 160:
         # Keep file names under NAME_MAX: a readable prefix and a hash of the whole tag.
-        stem = stem[:120] + "~" + hashlib.sha256(tag.encode("utf-8")).hexdigest()[:24]
+        digest = hashlib.sha256(tag.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        stem = stem[:120] + "~" + digest
     return stem
 
 
@@ -118,10 +125,10 @@ class SnapshotStore:
             return None
         if os.path.basename(info.stream) != info.stream or _encode(info.tag) + ".json" != name:
             return None
-        try:
-            if os.path.getsize(os.path.join(self.dir, info.stream)) != info.vm_state_size:
-                return None
-        except OSError:
+        # The metadata is renamed into place only after its stream is complete, so a stream
+        # that is missing or of another size was damaged from outside: still list it, and let
+        # loadvm say what is wrong with it.
+        if not os.path.exists(os.path.join(self.dir, info.stream)):
             return None
         return info
 
@@ -199,12 +206,10 @@ class SnapshotStore:
             return
         referenced = {i.stream for i in self.list()}
         for name in names:
-            if name.startswith(".tmp-"):
-                pid = name[5:].split("-", 1)[0]
-            elif name.endswith(".vmstate") and name not in referenced:
-                pid = name.rsplit(".", 2)[-2].split("-", 1)[0] if name.count(".") >= 2 else ""
-            else:
-                continue
-            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            m = _OURS.match(name)
+            if m is None or name in referenced:
+                continue  # not a file qmon writes: never touch it
+            pid = int(m.group(1) or m.group(2))
+            if pid != os.getpid() and _pid_alive(pid):
                 continue  # another live qmon is writing it
             self._unlink(name)

@@ -140,6 +140,14 @@ class Counter(Workload):
         top = fb[0]
         self.pos = (len(fb) - len(fb.lstrip(bytes([top])))) % self.npages
         self._carry = 0.0
+        # The lap count lives in RCX on a machine with a cpu (and comes back with it);
+        # without one, RAM tells it modulo 256.
+        cpu = self.machine.cpu if self.machine is not None else None
+        if cpu is not None:
+            self.laps = cpu.state["regs"][2]
+        else:
+            self.laps = (top - 1 if self.pos else top) & 0xFF
+        self.written = self.laps * self.npages + self.pos
 
     def check(self) -> str | None:
         """None when the invariant holds, else where it breaks."""
@@ -165,11 +173,14 @@ class Counter(Workload):
 
     def describe(self):
         problem = self.check()
+        fb = self._first_bytes()
         return [
             f"workload: {self.name}",
             f"range: 0x{self.start:x}-0x{self.start + self.size:x} ({self.npages} pages)",
             f"speed: {self.speed} pages/s",
             f"progress: lap {self.laps}, page {self.pos}, {self.written} page writes",
+            f"value: 0x{fb[0]:02x} before page {self.pos}" if self.pos else
+            f"value: 0x{fb[0]:02x} on every page",
             "invariant: ok" if problem is None else f"invariant: {problem}",
         ]
 

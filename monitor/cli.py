@@ -127,6 +127,13 @@ def machine_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Bytes that are not UTF-8 (a tag typed in another encoding) pass through unharmed.
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "surrogateescape"),
+                           (sys.stderr, "backslashreplace")):
+        try:
+            stream.reconfigure(errors=errors)
+        except (AttributeError, ValueError):
+            pass
     try:
         opts = parse_argv(argv)
     except UsageError as e:
@@ -190,7 +197,7 @@ def _run(opts) -> int:
         if opts["script"] is not None:
             from .batch import run_batch
             try:
-                f = open(opts["script"], encoding="utf-8")
+                f = open(opts["script"], encoding="utf-8", errors="surrogateescape")
             except OSError as e:
                 print(f"qmon: -f {opts['script']}: {e.strerror}", file=sys.stderr)
                 return 1

@@ -62,12 +62,25 @@ class MonitorCompleter(Completer):
                 tags = [i.tag for i in self.session.store.list()]
             except Exception:
                 tags = []
+            typed = current[1:] if current.startswith('"') else current
             for tag in tags:
-                if tag.startswith(current):
-                    yield Completion(tag, start_position=-len(current))
+                if tag.startswith(typed):
+                    yield Completion(quote_arg(tag), start_position=-len(current),
+                                     display=tag)
         elif cmd.completion == "file" and len(words) == len(cmd.specs):
-            sub = Document(current, len(current))
-            yield from self.paths.get_completions(sub, complete_event)
+            yield from self._paths(current, complete_event)
+
+    def _paths(self, current, complete_event):
+        """File names; quoted where QEMU's parser needs it (an absolute path unquoted would be
+        read as a division in the size expression before it)."""
+        typed = current[1:] if current.startswith('"') else current
+        sub = Document(typed, len(typed))
+        for c in self.paths.get_completions(sub, complete_event):
+            full = typed[: len(typed) + c.start_position] + c.text
+            needs_quotes = current.startswith('"') or full.startswith(("/", "~")) or any(
+                ch.isspace() or ch in '"\\' for ch in full)
+            text = quote_arg(full, force=needs_quotes, close=not full.endswith("/"))
+            yield Completion(text, start_position=-len(current), display=c.display)
 
     @staticmethod
     def _names(table, prefix):
@@ -75,6 +88,14 @@ class MonitorCompleter(Completer):
             for name in cmd.names:
                 if name.startswith(prefix):
                     yield Completion(name, start_position=-len(prefix), display_meta=cmd.help)
+
+
+def quote_arg(text: str, force: bool = False, close: bool = True) -> str:
+    """An argument as QEMU's get_str() reads it back: bare when it can be, else quoted."""
+    if not force and text and not any(ch.isspace() or ch in '"\\' for ch in text):
+        return text
+    body = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + body + ('"' if close else "")
 
 
 def history_path() -> str:
@@ -129,4 +150,8 @@ def run_console(session, banner: str) -> int:
                 session.execute(line)
             except QuitRequest:
                 break
+            except KeyboardInterrupt:
+                # Ctrl-C while a command runs: stop waiting for it (the machine thread
+                # finishes what it started, as QEMU does) and come back to the prompt.
+                print("^C")
     return 0

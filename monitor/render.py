@@ -96,6 +96,14 @@ def registers(cpu_state: dict, reg_names) -> list[str]:
 def toolbar(machine) -> str:
     from machine.runstate import status_text
 
-    w = machine.workload.name
-    return (f" {status_text(machine.runstate)} | clock {vm_clock(machine.clock.now_ns())} | "
-            f"RAM {format_size(machine.ram.size)} | workload {w} | -M {machine.type_name}")
+    text = (f" {status_text(machine.runstate)} | clock {vm_clock(machine.clock.now_ns())} | "
+            f"RAM {format_size(machine.ram.size)} | {machine.workload.name} | "
+            f"{machine.type_name}")
+    mig = machine.migration
+    if mig.status not in ("none",):
+        text += f" | migration {mig.status}"
+        if mig.status == "active" and mig.total:
+            done = 100 * (1 - mig.remaining / mig.total) if mig.dirty_sync_count <= 1 else None
+            text += (f" {done:.0f}%" if done is not None else
+                     f" pass {mig.dirty_sync_count}") + f" {mig.mbps:.0f} mbps"
+    return text

@@ -13,6 +13,13 @@ from .args import ArgError, MemFormat
 from .commands import TOP, CommandError, PlainError, find
 
 
+# QEMU's x86 monitor names ($eax ... read the whole register on a 64-bit target) beside the
+# 64-bit names.
+_REG_ALIASES = {"eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx", "esi": "rsi",
+                "edi": "rdi", "ebp": "rbp", "fp": "rbp", "esp": "rsp", "sp": "rsp",
+                "eip": "rip", "eflags": "rflags"}
+
+
 class QuitRequest(Exception):
     """``quit``: the front end ends its loop as on end of input."""
 
@@ -31,10 +38,10 @@ class Session:
             return None
         from machine.devices.cpu import REG_NAMES
 
-        n = name.lower()
-        if n in ("pc", "rip", "eip"):
+        n = _REG_ALIASES.get(name.lower(), name.lower())
+        if n in ("pc", "rip"):
             return cpu.state["rip"]
-        if n in ("rflags", "eflags"):
+        if n == "rflags":
             return cpu.state["rflags"]
         regs = [r.lower().strip() for r in REG_NAMES]
         if n in regs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from . import format as F
+from . import xbzrle
 from .records import StreamError
 
 PAGE = F.TARGET_PAGE_SIZE
@@ -23,6 +24,35 @@ class RamStats:
         self.normal_pages = 0
         self.bytes = 0  # bytes of ram records written
         self.dirty_sync_count = 0
+        self.dirtied_last_sync = 0  # pages newly dirtied since the sync before
+        self.xbzrle_pages = 0
+        self.xbzrle_bytes = 0
+        self.xbzrle_cache_miss = 0
+        self.xbzrle_overflow = 0
+        self.xbzrle_encoded_input = 0  # page bytes that went through the encoder
+
+
+class XbzrleCache:
+    """QEMU's page cache for XBZRLE: direct-mapped, a power-of-two number of pages."""
+
+    def __init__(self, size: int):
+        n = max(1, size // PAGE)
+        self.slots = 1 << (n.bit_length() - 1)
+        self.size = self.slots * PAGE
+        self.data = bytearray(self.size)
+        self.addr = [-1] * self.slots
+
+    def lookup(self, page: int):
+        slot = page & (self.slots - 1)
+        if self.addr[slot] != page:
+            return None
+        return slot
+
+    def insert(self, page: int, content) -> int:
+        slot = page & (self.slots - 1)
+        self.addr[slot] = page
+        self.data[slot * PAGE:(slot + 1) * PAGE] = content
+        return slot
 
 
 class RamSaveState:
@@ -34,16 +64,28 @@ class RamSaveState:
         self.cursor = 0
         self.last_sent_block = None
         self.stats = RamStats()
+        self.xbzrle: XbzrleCache | None = None
+        # QEMU turns XBZRLE on once the first round over RAM is complete.
+        self.xbzrle_enabled = False
+        self.last_stage = False
+
+    def enable_xbzrle(self, cache_size: int):
+        self.xbzrle = XbzrleCache(cache_size)
 
     # QEMU's migration_bitmap_sync: fold the guest's dirty log into the migration bitmap.
     def sync(self):
         log = self.block.dirty
+        newly = 0
         if log.find(1) >= 0:
             bm = self.bitmap
-            bm_int = int.from_bytes(bm, "little") | int.from_bytes(log, "little")
-            bm[:] = bm_int.to_bytes(len(bm), "little")
-            log[:] = bytes(len(log))
+            n = len(bm)
+            log_int = int.from_bytes(log, "little")
+            bm_int = int.from_bytes(bm, "little")
+            newly = (log_int & ~bm_int).bit_count()
+            bm[:] = (bm_int | log_int).to_bytes(n, "little")
+            log[:] = bytes(n)
         self.stats.dirty_sync_count += 1
+        self.stats.dirtied_last_sync = newly
 
     def pending_pages(self) -> int:
         return self.bitmap.count(1)
@@ -69,10 +111,53 @@ class RamSaveState:
         return done
 
     def complete(self, w):
+        self.last_stage = True
         self.sync()
         self._send(w, None, None)
         w.put_be64(F.RAM_SAVE_FLAG_EOS)
         self.stats.bytes += 8
+
+    def _header(self, w, off, flag):
+        """A record header, naming the block only when it changed (QEMU's CONTINUE rule)."""
+        blk = self.block
+        if self.last_sent_block is blk:
+            w.put_be64(off | flag | F.RAM_SAVE_FLAG_CONTINUE)
+        else:
+            w.put_be64(off | flag)
+            w.put_counted(blk.idstr.encode())
+            self.last_sent_block = blk
+
+    def _xbzrle_page(self, w, page, off) -> bool:
+        """QEMU's save_xbzrle_page(): True when the page is dealt with (sent encoded, or
+        unchanged and skipped), False when it must go as a normal page."""
+        cache, st = self.xbzrle, self.stats
+        mem = self.block.mem
+        slot = cache.lookup(page)
+        if slot is None:
+            st.xbzrle_cache_miss += 1
+            if not self.last_stage:
+                cache.insert(page, mem[off:off + PAGE])
+            return False
+        current = mem[off:off + PAGE]
+        old = cache.data[slot * PAGE:(slot + 1) * PAGE]
+        enc = xbzrle.encode(old, current)
+        st.xbzrle_encoded_input += PAGE
+        if not self.last_stage and enc != b"":
+            cache.data[slot * PAGE:(slot + 1) * PAGE] = current
+        if enc == b"":
+            return True  # unchanged since it was last sent: nothing to send
+        if enc is None:
+            st.xbzrle_overflow += 1
+            st.xbzrle_bytes += PAGE
+            return False
+        before = w.bytes_written
+        self._header(w, off, F.RAM_SAVE_FLAG_XBZRLE)
+        w.put_u8(F.ENCODING_FLAG_XBZRLE)
+        w.put_be16(len(enc))
+        w.put_bytes(enc)
+        st.xbzrle_pages += 1
+        st.xbzrle_bytes += w.bytes_written - before
+        return True
 
     def _send(self, w, deadline, max_bytes) -> bool:
         blk = self.block
@@ -86,14 +171,15 @@ class RamSaveState:
         stats = self.stats
         start_bytes = w.bytes_written
         zero_n = normal_n = 0
-        name = blk.idstr.encode()
-        named_prefix = bytes([len(name)]) + name
+        xb = self.xbzrle is not None and self.xbzrle_enabled
         pos = self.cursor
         checked = 0
         try:
             while True:
                 p = find(1, pos)
                 if p < 0:
+                    self._round_complete()
+                    xb = self.xbzrle is not None and self.xbzrle_enabled
                     if pos == 0:
                         self.cursor = 0
                         return True
@@ -104,7 +190,8 @@ class RamSaveState:
                     q = npages
                 for page in range(p, q):
                     off = page * PAGE
-                    if self.last_sent_block is blk:
+                    if self.last_sent_block is blk and not xb:
+                        # The hot path: one compare, one header, one queued view of RAM.
                         if mem[off:off + 8] == _Z8 and mem[off:off + PAGE] == _ZERO:
                             small += (off | _FLAG_ZERO_CONT).to_bytes(8, "big")
                             small.append(0)
@@ -115,20 +202,14 @@ class RamSaveState:
                             w.bytes_written += 8
                             put_ref(mv[off:off + PAGE])
                             normal_n += 1
-                    else:
-                        zero = blk.is_zero_page(off)
-                        flag = F.RAM_SAVE_FLAG_ZERO if zero else F.RAM_SAVE_FLAG_PAGE
-                        small += (off | flag).to_bytes(8, "big")
-                        small += named_prefix
-                        w.bytes_written += 8 + len(named_prefix)
-                        if zero:
-                            small.append(0)
-                            w.bytes_written += 1
-                            zero_n += 1
-                        else:
-                            put_ref(mv[off:off + PAGE])
-                            normal_n += 1
-                        self.last_sent_block = blk
+                    elif blk.is_zero_page(off):
+                        self._header(w, off, F.RAM_SAVE_FLAG_ZERO)
+                        w.put_u8(0)
+                        zero_n += 1
+                    elif not (xb and self._xbzrle_page(w, page, off)):
+                        self._header(w, off, F.RAM_SAVE_FLAG_PAGE)
+                        put_ref(mv[off:off + PAGE])
+                        normal_n += 1
                     bm[page] = 0
                     checked += 1
                     if checked % _TIME_CHECK_PAGES == 0:
@@ -145,6 +226,10 @@ class RamSaveState:
             stats.normal_pages += normal_n
             stats.bytes += w.bytes_written - start_bytes
             mv.release()
+
+    def _round_complete(self):
+        if self.xbzrle is not None:
+            self.xbzrle_enabled = True
 
 
 class RamLoadState:
@@ -185,16 +270,14 @@ class RamLoadState:
                 mem[a:a + PAGE] = bytes([rec.fill]) * PAGE
 
     def xbzrle(self, rec, apply: bool):
-        from .xbzrle import XbzrleError, decode
-
         self._check_block(rec)
         a = rec.addr
         target = self._scratch
         if apply:
             target[:] = self.block.mem[a:a + PAGE]
         try:
-            decode(rec.data, target)
-        except XbzrleError:
+            xbzrle.decode(rec.data, target)
+        except xbzrle.XbzrleError:
             raise StreamError("Failed to load XBZRLE page - decode error!", rec.offset) from None
         if apply:
             self.block.mem[a:a + PAGE] = target

@@ -7,6 +7,8 @@ Lengths are unsigned LEB128 of at most two bytes. The trailing zero run is omitt
 
 from __future__ import annotations
 
+import re
+
 
 class XbzrleError(ValueError):
     pass
@@ -59,27 +61,34 @@ def _uleb(n: int) -> bytes:
     return bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7])
 
 
+_CHANGED = re.compile(rb"[^\x00]+")
+
+
 def encode(old, new, limit: int = 4096) -> bytes | None:
-    """Encode ``new`` against ``old``; None when the encoding would exceed ``limit`` bytes
-    (QEMU then sends the page whole). An unchanged page encodes to b""."""
+    """Encode ``new`` against ``old`` exactly as xbzrle_encode_buffer() does; None where QEMU
+    returns -1 (the encoding would not fit in ``limit`` bytes, so the page goes whole). An
+    unchanged page encodes to b"".
+
+    The changed bytes are found in C: XOR the pages as integers and let a regular expression
+    find the runs of non-zero bytes, which are exactly QEMU's nonzero runs.
+    """
     n = len(new)
+    diff = (int.from_bytes(old, "little") ^ int.from_bytes(new, "little")).to_bytes(n, "little")
     out = bytearray()
-    i = 0
-    while i < n:
-        # zero run: bytes that did not change
-        j = i
-        while j < n and old[j] == new[j]:
-            j += 1
-        if j == n:
-            break
-        zrun = j - i
-        k = j
-        while k < n and old[k] != new[k]:
-            k += 1
-        out += _uleb(zrun)
-        out += _uleb(k - j)
-        out += new[j:k]
-        if len(out) > limit:
+    prev = 0
+    for m in _CHANGED.finditer(diff):
+        start, end = m.span()
+        # QEMU checks for room for two bytes before each run length.
+        if len(out) + 2 > limit:
             return None
-        i = k
+        out += _uleb(start - prev)
+        if len(out) + 2 > limit:
+            return None
+        out += _uleb(end - start)
+        if len(out) + (end - start) > limit:
+            return None
+        out += new[start:end]
+        prev = end
+    if prev < n and out and len(out) + 2 > limit:
+        return None  # QEMU's check at the top of the loop, before it finds the tail unchanged
     return bytes(out)

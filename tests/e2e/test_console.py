@@ -89,7 +89,7 @@ def test_banner_prompt_and_toolbar(term):
     t = term("-m", "16M", "-S")
     s = t.wait_text("paused (prelaunch)")
     assert "QEMU 7.2.0 monitor" in s and "type 'help' for more information" in s
-    assert "RAM 16 MiB" in s and "workload counter" in s and "clock 00:00:00.000" in s
+    assert "RAM 16 MiB | counter | lab" in s and "clock 00:00:00.000" in s
     t.command("cont")
     s = t.wait_for(lambda s: " running |" in s)
     clock1 = s.split("clock ")[1][:12]
@@ -110,6 +110,12 @@ def test_completion(term):
     t.wait_text("VM status: paused (prelaunch)")
     t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu)")
     time.sleep(0.2)
+    t.command('savevm "with space"')
+    t.type("delvm wi")
+    t.keys("Tab")  # a tag QEMU's parser would split is completed quoted
+    t.wait_for(lambda s: t.prompt_line().rstrip() == '(qemu) delvm "with space"')
+    t.keys("C-c")
+    t.wait_for(lambda s: t.prompt_line().rstrip() == "(qemu)")
     t.command("savevm snapone")
     t.type("loadvm sn")
     t.keys("Tab")

@@ -198,3 +198,19 @@ def test_serial_stdio_prints_guest_output(make_machine):
     m.output = lines.put
     m.run(m.vm_start)
     assert lines.get(timeout=5).startswith("counter: lap 1 done")
+
+
+def test_bytes_that_are_not_utf8_are_handled(snapdir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "monitor.cli", "-M", "none", "-m", "1M", "-S",
+                        "-snapshot-dir", snapdir],
+                       input=b"savevm \xfe\xff\ninfo snapshots\nloadvm \xfe\xff\n",
+                       capture_output=True, env=env, cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stdout
+    assert b"internal error" not in p.stdout and b"Traceback" not in p.stderr
+    assert b"\n--        \xfe\xff " in p.stdout  # the tag comes back as the bytes typed

@@ -94,15 +94,30 @@ def test_leftovers_of_a_dead_writer_are_ignored_then_removed(snapdir):
     run(["-M", "none", "-m", "1M", "-S"], ["savevm keep"], snapdir)
     # what a writer killed mid-save leaves: a temporary stream, an unreferenced final stream,
     # and a temporary metadata file (pid 999999 does not exist)
-    for name in (".tmp-999999-aa.vmstate", "keep.999999-bb.vmstate", ".tmp-999999-cc.json"):
+    for name in (".tmp-999999-000000aa.vmstate", "keep.999999-000000bb.vmstate",
+                 ".tmp-999999-000000cc.json", "mine.vmstate"):
         with open(os.path.join(snapdir, name), "wb") as f:
             f.write(b"QEVM partial")
     status, got = run(["-M", "none", "-m", "1M", "-S"], ["info snapshots", "loadvm keep"],
                       snapdir)
     assert status == 0
     assert [r.split()[1] for r in got[0][2:]] == ["keep"]
+    # qmon's own leftovers are gone; a file qmon did not write is never touched
     assert sorted(os.listdir(snapdir)) == sorted(
-        ["keep.json", SnapshotStore(snapdir).find("keep").stream])
+        ["keep.json", SnapshotStore(snapdir).find("keep").stream, "mine.vmstate"])
+
+
+def test_a_damaged_stream_is_listed_and_loadvm_says_what_is_wrong(snapdir):
+    run(["-M", "none", "-m", "1M", "-S"], ["savevm hurt"], snapdir)
+    path = os.path.join(snapdir, SnapshotStore(snapdir).find("hurt").stream)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    status, got = run(["-M", "none", "-m", "1M", "-S"], ["info snapshots", "loadvm hurt"],
+                      snapdir)
+    assert got[0][2].split()[1] == "hurt"
+    assert got[1] == ["Error: truncated stream: unexpected end of data at offset 994 in "
+                      "section 'ram'"]
+    assert os.path.exists(path)
 
 
 def test_failed_save_keeps_the_older_snapshot(make_machine, snapdir):

@@ -1,0 +1,128 @@
+"""Incoming migration: a listener thread receives the stream, the machine thread loads it.
+
+The receiving thread reads large chunks and hands each to the machine thread, which feeds the
+one parser and writes RAM as records arrive, so the monitor keeps answering while the stream
+loads. A destination has nothing to lose, so this is a single pass; device state is still
+applied only after the whole stream was accepted. On failure qmon exits with status 1, as QEMU
+does ("load of migration failed").
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..runstate import RunState, RunStateError
+from ..savevm.records import StreamError
+from ..savevm.savevm import Loader
+from . import state as S
+from .channels import ChannelError, Listener
+
+CHUNK = 4 << 20
+
+
+class IncomingMigration:
+    def __init__(self, machine, uri: str):
+        self.machine = machine
+        self.uri = uri
+        self.st = machine.incoming_state
+        self.listener = Listener(uri)  # raises ChannelError
+        self.st.socket_addresses = [self.listener.address]
+        self.loader: Loader | None = None
+        self.conn = None
+
+    def start(self):
+        threading.Thread(target=self._run, name="migration-incoming", daemon=True).start()
+
+    def _run(self):
+        m = self.machine
+        try:
+            conn = self.listener.accept()
+        except (ChannelError, OSError) as e:
+            m.run(self._fail, str(e))
+            return
+        self.conn = conn
+        m.run(self._begin)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = conn.recv_into(view)
+                if n == 0:
+                    m.run(self._end)
+                    return
+                if not m.run(self._feed, bytes(view[:n])):
+                    return
+        except OSError as e:
+            m.run(self._fail, f"Unable to read from socket: {e.strerror or e}")
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    # On the machine thread -----------------------------------------------------------------------
+    def _begin(self):
+        self.st.status = S.ACTIVE
+        self.st.start_ms = S.now_ms()
+        self.st.socket_addresses = []
+        self.machine.globalstate.received = None
+        self.loader = Loader(self.machine, apply=True, trace=self.machine.trace)
+        self.machine.emit_migration_status(S.ACTIVE)
+
+    def _feed(self, data) -> bool:
+        if self.st.status != S.ACTIVE:
+            return False
+        try:
+            self.loader.feed(data)
+        except StreamError as e:
+            self._fail(e.message)
+            return False
+        if self.loader.finished:
+            self._done()
+            return False
+        return True
+
+    def _end(self):
+        if self.st.status != S.ACTIVE:
+            return
+        try:
+            self.loader.feed_eof()
+        except StreamError as e:
+            self._fail(e.message)
+            return
+        self._done()
+
+    def _done(self):
+        m = self.machine
+        self.loader.commit()
+        m.workload.resync()
+        if self.loader.warning:
+            m.message(self.loader.warning)
+        st = self.st
+        st.status = S.COMPLETED
+        st.total_ms = S.now_ms() - st.start_ms
+        m.emit_migration_status(S.COMPLETED)
+        # QEMU's process_incoming_migration_bh(): run if the source ran (unless -S), or take
+        # the state the source was in.
+        received = m.globalstate.received
+        if received is None or received == RunState.RUNNING:
+            if m.autostart:
+                m.vm_start()
+            else:
+                m.set_runstate(RunState.PAUSED)
+        else:
+            try:
+                m.set_runstate(received)
+            except RunStateError:
+                m.set_runstate(RunState.PAUSED)
+        try:
+            self.conn.shutdown(2)
+        except (OSError, AttributeError):
+            pass
+
+    def _fail(self, reason: str):
+        st = self.st
+        st.status = S.FAILED
+        st.error = reason
+        self.machine.emit_migration_status(S.FAILED)
+        self.machine.fatal(f"load of migration failed: {reason}")

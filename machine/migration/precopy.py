@@ -1,0 +1,328 @@
+"""Outgoing pre-copy migration, run in bounded steps on the machine thread between guest ticks.
+
+QEMU's migration_iteration_run() in miniature. Each step either sends one PART round of dirty
+pages (bounded by the bandwidth window, a byte budget and a deadline) or, once the pending dirty
+bytes fall to the threshold (measured bandwidth x downtime-limit), stops the guest and completes:
+END sections, device state, EOF and vmdesc. The same OutgoingStream writes a snapshot.
+
+Bytes go through a ThreadedSink: the machine thread queues views of RAM and goes back to the
+guest and the monitor, a writer thread puts them on the wire.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..runstate import RunState
+from ..savevm.savevm import OutgoingStream
+from ..savevm.stream import StreamWriter
+from . import state as S
+from .channels import ChannelError, ThreadedSink, connect
+
+BUFFER_DELAY_MS = 100  # QEMU's window for measuring bandwidth and applying the rate limit
+STEP_MAX_BYTES = 8 << 20  # one step's share, so ticks and monitor requests keep flowing
+STEP_MAX_S = 0.02
+STALL_TIMEOUT_S = 30.0
+
+
+class OutgoingMigration:
+    def __init__(self, machine, uri: str, params: dict, caps: dict, state: S.MigrationState):
+        self.machine = machine
+        self.uri = uri
+        self.params = dict(params)
+        self.caps = dict(caps)
+        self.st = state
+        self.sink: ThreadedSink | None = None
+        self.out: OutgoingStream | None = None
+        self.ram = None
+        self.vm_was_running = False
+        self.stopped_guest = False
+        self.continue_requested = False
+        self._connected = None  # the channel, once the connect thread has one
+        self._connect_error: str | None = None
+        self._stall_since: float | None = None
+        self._last_sent = 0
+
+    # Lifecycle -----------------------------------------------------------------------------------
+    def start(self):
+        st = self.st
+        st.status = S.SETUP
+        st.start_ms = S.now_ms()
+        st.total = self.machine.ram.size
+        self.machine.emit_migration_status(S.SETUP)
+        threading.Thread(target=self._connect, name="migration-connect", daemon=True).start()
+
+    def _connect(self):
+        try:
+            self._connected = connect(self.uri, timeout=STALL_TIMEOUT_S)
+        except ChannelError as e:
+            self._connect_error = str(e)
+
+    def cancel(self):
+        if self.st.status in S.FINISHED:
+            return
+        self.st.status = S.CANCELLING
+        self._finish(S.CANCELLED, None)
+
+    def step(self) -> bool:
+        """One bounded step; False once the migration has ended."""
+        st = self.st
+        try:
+            if st.status == S.SETUP:
+                return self._setup()
+            if st.status == S.ACTIVE:
+                return self._iterate()
+            if st.status == S.PRE_SWITCHOVER:
+                if self.continue_requested:
+                    st.status = S.DEVICE
+                    self.machine.emit_migration_status(S.DEVICE)
+                    self._send_rest()
+                return True
+            if st.status == S.DEVICE:
+                return self._wait_drained()
+        except ChannelError as e:
+            self._finish(S.FAILED, str(e))
+        except OSError as e:
+            self._finish(S.FAILED, f"Unable to write to socket: {e.strerror or e}")
+        except TimeoutError as e:
+            self._finish(S.FAILED, str(e))
+        return st.status not in S.FINISHED
+
+    # Setup --------------------------------------------------------------------------------------
+    def _setup(self) -> bool:
+        if self._connect_error is not None:
+            self._finish(S.FAILED, self._connect_error)
+            return False
+        if self._connected is None:
+            return True
+        self.sink = ThreadedSink(self._connected)
+        w = StreamWriter(self.sink)
+        self.out = OutgoingStream(self.machine, w, self.machine.trace)
+        xb = self.params["xbzrle-cache-size"] if self.caps.get("xbzrle") else None
+        for _, live in self.out.live:
+            if xb:
+                live.enable_xbzrle(xb)
+            self.ram = live
+        self.out.header()
+        self.out.setup()
+        w.flush()
+        st = self.st
+        st.setup_ms = S.now_ms() - st.start_ms
+        st.status = S.ACTIVE
+        self._window_start = S.now_ms()
+        self._window_bytes0 = self.out.w.bytes_written
+        self._window_pages0 = 0
+        self._threshold = 0.0
+        self._bandwidth = 0.0
+        self._last_sync_ms = S.now_ms()
+        self._xfer_prev = 0
+        self._dirty_high = 0
+        self._pass = S.PassRecord(1, S.now_ms())
+        self._pass_stats0 = (0, 0)
+        self.machine.emit_migration_status(S.ACTIVE)
+        return True
+
+    # Iterate ------------------------------------------------------------------------------------
+    def _iterate(self) -> bool:
+        st, out, ram = self.st, self.out, self.ram
+        if self.sink.error is not None:
+            raise self.sink.error
+        if self._stalled():
+            return True
+        now = S.now_ms()
+        self._update_counters(now)
+        window_budget = self.params["max-bandwidth"] * BUFFER_DELAY_MS / 1000
+        sent_in_window = out.w.bytes_written - self._window_bytes0
+        if sent_in_window >= window_budget or self.sink.full:
+            return True  # rate limited (or the wire is behind): wait for the next window
+        pending = ram.pending_pages() * 4096
+        if pending < self._threshold:
+            self._sync(now)
+            pending = ram.pending_pages() * 4096
+        st.remaining = pending
+        if pending and pending >= self._threshold:
+            budget = int(min(STEP_MAX_BYTES, window_budget - sent_in_window))
+            out.iterate(deadline=time.monotonic() + STEP_MAX_S, max_bytes=max(budget, 4096))
+            out.w.flush()
+            self._count()
+            return True
+        self._complete()
+        return True
+
+    def _sync(self, now):
+        """A dirty sync: ends a pass, feeds the dirty rate and auto-converge."""
+        ram, st = self.ram, self.st
+        ram.sync()
+        st.dirty_sync_count = ram.stats.dirty_sync_count
+        p = self._pass
+        p.duration_ms = now - p.start_ms
+        pages0, zero0 = self._pass_stats0
+        p.pages = ram.stats.normal_pages + ram.stats.zero_pages + ram.stats.xbzrle_pages - pages0
+        p.zero_pages = ram.stats.zero_pages - zero0
+        p.dirtied = ram.stats.dirtied_last_sync
+        p.bandwidth = self._bandwidth
+        p.expected_downtime_ms = st.expected_downtime_ms
+        p.pending_bytes = ram.pending_pages() * 4096
+        st.passes.append(p)
+        self._pass = S.PassRecord(p.number + 1, now)
+        self._pass_stats0 = (ram.stats.normal_pages + ram.stats.zero_pages + ram.stats.xbzrle_pages,
+                             ram.stats.zero_pages)
+        self._period_dirty = getattr(self, "_period_dirty", 0) + p.dirtied
+        if now - self._last_sync_ms > 1000:
+            period = now - self._last_sync_ms
+            st.dirty_pages_rate = int(self._period_dirty * 1000 / period)
+            self._auto_converge()
+            self._period_dirty = 0
+            self._last_sync_ms = now
+            self._xfer_prev = ram.stats.bytes
+        if self.caps.get("events"):
+            self.machine.emit_event("MIGRATION_PASS", {"pass": st.dirty_sync_count})
+
+    def _auto_converge(self):
+        """QEMU's migration_trigger_throttle(): throttle the guest when it dirtied more than
+        throttle-trigger-threshold % of what was sent in the period, twice in a row."""
+        if not self.caps.get("auto-converge"):
+            return
+        xfer = self.ram.stats.bytes - self._xfer_prev
+        dirty = self._period_dirty * 4096
+        if dirty > xfer * self.params["throttle-trigger-threshold"] / 100:
+            self._dirty_high += 1
+            if self._dirty_high >= 2:
+                self._dirty_high = 0
+                wl = self.machine.workload
+                if wl.throttle == 0:
+                    wl.throttle = self.params["cpu-throttle-initial"]
+                else:
+                    wl.throttle = min(wl.throttle + self.params["cpu-throttle-increment"],
+                                      self.params["max-cpu-throttle"])
+                self.st.throttle_pct = wl.throttle
+
+    def _update_counters(self, now):
+        """QEMU's migration_update_counters(): every ~100 ms, the bandwidth and threshold."""
+        spent = now - self._window_start
+        if spent < BUFFER_DELAY_MS:
+            return
+        out, st = self.out, self.st
+        transferred = out.w.bytes_written - self._window_bytes0
+        pages = self._pages_total() - self._window_pages0
+        bandwidth = transferred / spent  # bytes/ms
+        self._bandwidth = bandwidth
+        self._threshold = bandwidth * self.params["downtime-limit"]
+        st.mbps = transferred * 8 / (spent / 1000) / 1e6
+        st.pages_per_second = pages / (spent / 1000)
+        st.expected_downtime_ms = (st.remaining / bandwidth) if bandwidth else 0.0
+        self._window_start = now
+        self._window_bytes0 = out.w.bytes_written
+        self._window_pages0 = self._pages_total()
+
+    def _pages_total(self):
+        s = self.ram.stats
+        return s.normal_pages + s.zero_pages + s.xbzrle_pages
+
+    def _count(self):
+        st, s = self.st, self.ram.stats
+        st.transferred = s.bytes
+        st.duplicate = s.zero_pages
+        st.normal = s.normal_pages
+        st.dirty_sync_count = s.dirty_sync_count
+        st.remaining = self.ram.pending_pages() * 4096
+        if self.ram.xbzrle is not None:
+            miss_rate = s.xbzrle_cache_miss / max(1, self._pages_total())
+            enc_rate = (s.xbzrle_encoded_input / s.xbzrle_bytes) if s.xbzrle_bytes else 0.0
+            st.xbzrle = {"cache-size": self.ram.xbzrle.size, "bytes": s.xbzrle_bytes,
+                         "pages": s.xbzrle_pages, "cache-miss": s.xbzrle_cache_miss,
+                         "cache-miss-rate": miss_rate, "encoding-rate": enc_rate,
+                         "overflow": s.xbzrle_overflow}
+
+    def _stalled(self) -> bool:
+        """True while the writer has not moved for a while; raises once that is too long."""
+        sent = self.sink.sent
+        if sent != self._last_sent or self.sink.queued == 0:
+            self._last_sent = sent
+            self._stall_since = None
+            return False
+        if self._stall_since is None:
+            self._stall_since = time.monotonic()
+        if time.monotonic() - self._stall_since > STALL_TIMEOUT_S:
+            raise TimeoutError("Unable to write to socket: Connection timed out")
+        return self.sink.full
+
+    # Completion ---------------------------------------------------------------------------------
+    def _complete(self):
+        m, st = self.machine, self.st
+        self._downtime_start = S.now_ms()
+        st.precopy_bytes = self.ram.stats.bytes
+        self.vm_was_running = m.is_running()
+        m.globalstate.store(m.runstate)
+        if m.is_running():
+            m.vm_stop(RunState.FINISH_MIGRATE)
+        else:
+            m.set_runstate(RunState.FINISH_MIGRATE)
+        self.stopped_guest = True
+        if self.caps.get("pause-before-switchover"):
+            st.status = S.PRE_SWITCHOVER
+            m.emit_migration_status(S.PRE_SWITCHOVER)
+            return
+        st.status = S.DEVICE
+        m.emit_migration_status(S.DEVICE)
+        self._send_rest()
+
+    def _send_rest(self):
+        self.out.complete()
+        self.out.cleanup()
+        self._count()
+        self.st.downtime_bytes = self.ram.stats.bytes - self.st.precopy_bytes
+        self._sync_pass_end()
+
+    def _sync_pass_end(self):
+        p = self._pass
+        p.duration_ms = S.now_ms() - p.start_ms
+        pages0, zero0 = self._pass_stats0
+        p.pages = self._pages_total() - pages0
+        p.zero_pages = self.ram.stats.zero_pages - zero0
+        p.bandwidth = self._bandwidth
+        p.pending_bytes = 0
+        self.st.passes.append(p)
+
+    def _wait_drained(self) -> bool:
+        if self.sink.error is not None:
+            raise self.sink.error
+        if self.sink.queued:
+            self._stalled()
+            return True
+        self.sink.drain(STALL_TIMEOUT_S)
+        self.sink.close()
+        self._finish(S.COMPLETED, None)
+        return False
+
+    def _finish(self, status: str, error: str | None):
+        m, st = self.machine, self.st
+        if self.sink is not None and status != S.COMPLETED:
+            self.sink.abort()
+        elif self._connected is not None and self.sink is None:
+            try:
+                self._connected.close()
+            except OSError:
+                pass
+        now = S.now_ms()
+        st.status = status
+        st.error = error
+        st.total_ms = now - st.start_ms
+        m.globalstate.stored = None
+        m.workload.throttle = 0
+        if status == S.COMPLETED:
+            st.downtime_ms = now - self._downtime_start
+            st.remaining = 0
+            transfer_ms = st.total_ms - st.setup_ms
+            if transfer_ms > 0:
+                st.mbps = self.out.w.bytes_written * 8 / transfer_ms / 1000
+            m.set_runstate(RunState.POSTMIGRATE)
+        elif self.stopped_guest:
+            # The source still holds the only good copy: let it run again.
+            if self.vm_was_running:
+                m.vm_start()
+            elif m.runstate == RunState.FINISH_MIGRATE:
+                m.set_runstate(RunState.POSTMIGRATE)
+        m.emit_migration_status(status)
+        m.notify()
