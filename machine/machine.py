@@ -361,7 +361,7 @@ class Machine:
             self.cpu.state["rip"] = rip
 
     # Snapshots (QEMU's save_snapshot / load_snapshot, run on the machine thread) ---------------
-    def save_snapshot(self, store, tag: str | None, trace=None):
+    def save_snapshot(self, store, tag: str | None):
         from .savevm.savevm import save_stream
         from .savevm.stream import FdSink, StreamWriter
         from .snapshots import truncate_tag
@@ -374,11 +374,14 @@ class Machine:
         self.vm_stop(RunState.SAVE_VM)
         try:
             vm_clock = self.clock.now_ns()
+            outgoing = []
 
             def write(fd):
-                return save_stream(self, StreamWriter(FdSink(fd)), trace)
+                return save_stream(self, StreamWriter(FdSink(fd)), self.trace, outgoing)
 
-            return store.save(tag, write, vm_clock, self.type_name, self.ram.size)
+            info = store.save(tag, write, vm_clock, self.type_name, self.ram.size)
+            self._record_snapshot_migration(outgoing[0])
+            return info
         except OSError as e:
             raise MachineError(f"Error while writing VM state: {e.strerror or e}") from None
         finally:
@@ -386,7 +389,18 @@ class Machine:
             if was_running:
                 self.vm_start()
 
-    def load_snapshot(self, store, tag: str, trace=None):
+    def _record_snapshot_migration(self, out):
+        """QEMU counts a savevm as a completed migration: 'info migrate' shows its counters,
+        all of them sent with the guest stopped (downtime ram), times not measured."""
+        from .migration.state import COMPLETED, MigrationState
+
+        ram = out.live[0][1].stats
+        self.migration = MigrationState(
+            status=COMPLETED, transferred=ram.bytes, downtime_bytes=ram.bytes,
+            total=self.ram.size, duplicate=ram.zero_pages, normal=ram.normal_pages,
+            dirty_sync_count=ram.dirty_sync_count)
+
+    def load_snapshot(self, store, tag: str):
         """All-or-nothing: on a bad stream nothing changes, the runstate included. A missing
         snapshot behaves as in QEMU: a running guest is left paused (restore-vm)."""
         from .savevm.records import StreamError
@@ -400,7 +414,7 @@ class Machine:
         path = store.stream_path(info)
         clock_before = self.clock.now_ns()
         try:
-            warning = check_then_load(self, lambda: open(path, "rb"), trace)
+            warning = check_then_load(self, lambda: open(path, "rb"), self.trace)
         except StreamError as e:
             self.clock.set_ns(clock_before)
             if was_running:

@@ -26,6 +26,9 @@ Options (QEMU's spellings):
   -snapshot-dir DIR  where snapshots live (default $QMON_SNAPSHOT_DIR, else
                      $XDG_DATA_HOME/qmon/snapshots, i.e. ~/.local/share/qmon/snapshots)
   -serial stdio|none where the guest's serial output goes (default none)
+  -incoming URI      wait in 'paused (inmigrate)' for a migration stream: tcp:HOST:PORT,
+                     unix:PATH, exec:CMD (reads CMD's stdout), or defer (then
+                     migrate_incoming URI); listeners bind 127.0.0.1 unless HOST says else
   -f FILE            run monitor commands from FILE, one a line, printing a transcript
   --version          print the version and exit
   --help, -h         print this help and exit
@@ -57,7 +60,7 @@ def parse_argv(argv: list[str]) -> dict:
 
     opts = {"ram": 128 << 20, "machine": "lab", "paused": False, "name": None,
             "workload": None, "mem_path": None, "snapshot_dir": None, "script": None,
-            "serial": "none", "action": None}
+            "serial": "none", "action": None, "incoming": None}
     i = 0
 
     def value(opt):
@@ -103,6 +106,8 @@ def parse_argv(argv: list[str]) -> dict:
             if v not in ("stdio", "none"):
                 raise UsageError(f"-serial {v}: qmon supports 'stdio' and 'none'")
             opts["serial"] = v
+        elif a == "-incoming":
+            opts["incoming"] = value(a)
         elif a == "-f":
             opts["script"] = value(a)
         elif a in _IGNORED_WITH_ARG:
@@ -191,7 +196,20 @@ def _run(opts) -> int:
             print(text, flush=True)
 
     machine.output = out
-    machine.start(paused=opts["paused"])
+
+    def fatal(message):
+        # QEMU ends the process when an incoming migration fails; so does qmon, status 1.
+        print(f"qmon: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    machine.on_fatal = fatal
+    from machine.machine import MachineError
+    try:
+        machine.start(paused=opts["paused"], incoming=opts["incoming"])
+    except MachineError as e:
+        print(f"qmon: -incoming {opts['incoming']}: {e}", file=sys.stderr)
+        return 1
     session = Session(machine, store, out)
     try:
         if opts["script"] is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion, PathCompleter
@@ -137,6 +138,16 @@ def run_console(session, banner: str) -> int:
     )
     # The machine thread only asks for a redraw; the toolbar reads a fresh snapshot itself.
     machine.add_listener(lambda: ps.app.invalidate())
+    fatal_exit = []
+
+    def fatal(message):
+        # Leave the prompt properly (the terminal back in cooked mode) before exiting 1.
+        fatal_exit.append(message)
+        app = ps.app
+        if app.is_running and app.loop is not None:
+            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()))
+
+    machine.on_fatal = fatal
     print(banner)
     with patch_stdout(raw=True):
         while True:
@@ -146,6 +157,8 @@ def run_console(session, banner: str) -> int:
                 continue
             except EOFError:
                 break
+            if fatal_exit:
+                break
             try:
                 session.execute(line)
             except QuitRequest:
@@ -154,4 +167,7 @@ def run_console(session, banner: str) -> int:
                 # Ctrl-C while a command runs: stop waiting for it (the machine thread
                 # finishes what it started, as QEMU does) and come back to the prompt.
                 print("^C")
+    if fatal_exit:
+        print(f"qmon: {fatal_exit[0]}", file=sys.stderr)
+        return 1
     return 0

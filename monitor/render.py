@@ -107,3 +107,99 @@ def toolbar(machine) -> str:
             text += (f" {done:.0f}%" if done is not None else
                      f" pass {mig.dirty_sync_count}") + f" {mig.mbps:.0f} mbps"
     return text
+
+
+_GLOBALS = [
+    "globals:",
+    "store-global-state: on",
+    "only-migratable: off",
+    "send-configuration: on",
+    "send-section-footer: on",
+    "decompress-error-check: on",
+    "clear-bitmap-shift: 18",
+]
+# Statuses for which QEMU fills in times and ram counters (fill_source_migration_info).
+_WITH_RAM = {"active", "cancelling", "pre-switchover", "device", "completed"}
+
+
+def migrate_info(machine) -> list[str]:
+    """QEMU 7.2's hmp_info_migrate() for this machine (runs on the machine thread)."""
+    from machine.migration.state import now_ms
+
+    lines = list(_GLOBALS)
+    out, inc = machine.migration, machine.incoming_state
+    st = out if out.status != "none" else inc
+    outgoing = st is out
+    if st.status != "none":
+        head = f"Migration status: {st.status}"
+        if st.status == "failed" and st.error:
+            head += f" ({st.error})"
+        lines.append(head)
+        timed = outgoing and st.status in _WITH_RAM
+        if not timed:
+            total = 0
+        elif st.status == "completed":
+            total = st.total_ms
+        else:
+            total = now_ms() - st.start_ms
+        lines.append(f"total time: {int(total)} ms")
+        if timed and st.status != "completed":
+            lines.append(f"expected downtime: {int(st.expected_downtime_ms)} ms")
+        if timed and st.status == "completed":
+            lines.append(f"downtime: {int(st.downtime_ms)} ms")
+        if timed:
+            lines.append(f"setup: {int(st.setup_ms)} ms")
+    if outgoing and st.status in _WITH_RAM:
+        remaining = 0 if st.status == "completed" else st.remaining
+        lines += [
+            f"transferred ram: {st.transferred >> 10} kbytes",
+            f"throughput: {st.mbps:0.2f} mbps",
+            f"remaining ram: {remaining >> 10} kbytes",
+            f"total ram: {st.total >> 10} kbytes",
+            f"duplicate: {st.duplicate} pages",
+            "skipped: 0 pages",
+            f"normal: {st.normal} pages",
+            f"normal bytes: {(st.normal * 4096) >> 10} kbytes",
+            f"dirty sync count: {st.dirty_sync_count}",
+            "page size: 4 kbytes",
+            "multifd bytes: 0 kbytes",
+            f"pages-per-second: {int(st.pages_per_second)}",
+        ]
+        if st.dirty_pages_rate and st.status != "completed":
+            lines.append(f"dirty pages rate: {st.dirty_pages_rate} pages")
+        if st.precopy_bytes:
+            lines.append(f"precopy ram: {st.precopy_bytes >> 10} kbytes")
+        if st.downtime_bytes:
+            lines.append(f"downtime ram: {st.downtime_bytes >> 10} kbytes")
+        if st.xbzrle is not None:
+            x = st.xbzrle
+            lines += [
+                f"cache size: {x['cache-size']} bytes",
+                f"xbzrle transferred: {x['bytes'] >> 10} kbytes",
+                f"xbzrle pages: {x['pages']} pages",
+                f"xbzrle cache miss: {x['cache-miss']} pages",
+                f"xbzrle cache miss rate: {x['cache-miss-rate']:0.2f}",
+                f"xbzrle encoding rate: {x['encoding-rate']:0.2f}",
+                f"xbzrle overflow: {x['overflow']}",
+            ]
+        if machine.workload.throttle:
+            lines.append(f"cpu throttle percentage: {machine.workload.throttle}")
+    if inc.socket_addresses:
+        lines.append("socket address: [")
+        lines += [f"\t{a}" for a in inc.socket_addresses]
+        lines.append("]")
+    return lines
+
+
+def migrate_parameters(params: dict) -> list[str]:
+    lines = []
+    for name, value in params.items():
+        if name == "max-bandwidth":
+            lines.append(f"{name}: {value} bytes/second")
+        elif name == "downtime-limit":
+            lines.append(f"{name}: {value} ms")
+        elif name == "xbzrle-cache-size":
+            lines.append(f"{name}: {value} bytes")
+        else:
+            lines.append(f"{name}: {value}")
+    return lines

@@ -86,7 +86,8 @@ class Session:
         except QuitRequest:
             raise
         except (CommandError, MachineError) as e:
-            self.out(f"Error: {e}")
+            if str(e):
+                self.out(f"Error: {e}")
             return False
         except PlainError as e:
             self.out(str(e))

@@ -30,7 +30,9 @@ class OutgoingMigration:
     def __init__(self, machine, uri: str, params: dict, caps: dict, state: S.MigrationState):
         self.machine = machine
         self.uri = uri
-        self.params = dict(params)
+        # Parameters are read live (a user relaxes downtime-limit mid-migration); capabilities
+        # cannot change while a migration runs, so a copy is enough.
+        self.params = params
         self.caps = dict(caps)
         self.st = state
         self.sink: ThreadedSink | None = None

@@ -24,6 +24,15 @@ PARAMETER_DEFAULTS = {
     "downtime-limit": 300,  # ms
     "xbzrle-cache-size": 64 << 20,  # bytes
 }
+# Everything QEMU 7.2 lists, so a real but unimplemented name gets a clear answer.
+ALL_PARAMETERS = (
+    "announce-initial", "announce-max", "announce-rounds", "announce-step", "compress-level",
+    "compress-threads", "compress-wait-thread", "decompress-threads",
+    "throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment",
+    "cpu-throttle-tailslow", "max-cpu-throttle", "tls-creds", "tls-hostname", "max-bandwidth",
+    "downtime-limit", "x-checkpoint-delay", "block-incremental", "multifd-channels",
+    "multifd-compression", "xbzrle-cache-size", "max-postcopy-bandwidth", "tls-authz",
+)
 SIZE_PARAMETERS = {"max-bandwidth", "xbzrle-cache-size"}
 PERCENT_PARAMETERS = {"throttle-trigger-threshold", "cpu-throttle-initial",
                       "cpu-throttle-increment", "max-cpu-throttle"}

@@ -117,9 +117,12 @@ class OutgoingStream:
         self.trace("savevm_state_cleanup")
 
 
-def save_stream(machine, w, trace=None) -> int:
-    """Write a whole savevm stream of a stopped machine; returns its size in bytes."""
+def save_stream(machine, w, trace=None, keep: list | None = None) -> int:
+    """Write a whole savevm stream of a stopped machine; returns its size in bytes.
+    ``keep`` receives the OutgoingStream, for its counters."""
     out = OutgoingStream(machine, w, trace)
+    if keep is not None:
+        keep.append(out)
     try:
         out.header()
         out.setup()

@@ -1,0 +1,162 @@
+"""migrate, migrate_cancel, migrate_incoming, migrate_continue, the parameters and capabilities,
+and info migrate / migrate_parameters / migrate_capabilities."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from machine.migration import state as S
+from machine.units import parse_size
+
+from .. import render
+from . import INFO, CommandError, command
+
+
+@command("migrate", "detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
+         "migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD); -d returns at once")
+def migrate(session, uri, detach=False, blk=False, inc=False, resume=False):
+    if blk or inc:
+        raise CommandError("qmon has no disks: block migration (-b, -i) is not supported")
+    if resume:
+        raise CommandError("qmon has no postcopy: there is no paused migration to resume")
+    m = session.machine
+    m.run(m.migrate, uri)
+    if detach:
+        return
+    progress = _Progress()
+    try:
+        while m.migration.status not in S.FINISHED:
+            progress.show(m.migration)
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        m.run(m.migrate_cancel)
+        while m.migration.status not in S.FINISHED:
+            time.sleep(0.01)
+    finally:
+        progress.clear()
+    st = m.migration
+    if st.status == S.FAILED:
+        # QEMU reports this on stderr, not on the monitor; the command still failed.
+        print(f"qmon: migration failed: {st.error}", file=sys.stderr, flush=True)
+        raise _Failed()
+    if st.status == S.CANCELLED:
+        raise _Failed()
+
+
+class _Failed(CommandError):
+    """A failure already reported elsewhere: the monitor prints nothing more."""
+
+
+class _Progress:
+    """One line on the terminal, rewritten in place, while a migrate waits."""
+
+    def __init__(self):
+        self.tty = sys.__stderr__ is not None and sys.__stderr__.isatty()
+        self.shown = False
+
+    def show(self, st):
+        if not self.tty or st.status != S.ACTIVE:
+            return
+        done = st.total - st.remaining if st.dirty_sync_count <= 1 else st.transferred
+        sys.__stderr__.write(f"\rmigrate: {st.status}, pass {st.dirty_sync_count}, "
+                             f"{done >> 20} MiB sent, {st.remaining >> 20} MiB remaining, "
+                             f"{st.mbps:.0f} mbps (Ctrl-C cancels)\x1b[K")
+        sys.__stderr__.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            sys.__stderr__.write("\r\x1b[K")
+            sys.__stderr__.flush()
+
+
+@command("migrate_cancel", help="cancel the current migration")
+def migrate_cancel(session):
+    m = session.machine
+    m.run(m.migrate_cancel)
+
+
+@command("migrate_incoming", "uri:s", "uri",
+         "start listening for an incoming migration (after -incoming defer)")
+def migrate_incoming(session, uri):
+    m = session.machine
+    m.run(m.migrate_incoming, uri)
+
+
+@command("migrate_continue", "state:s", "state",
+         "continue a migration paused in STATE (pre-switchover)")
+def migrate_continue(session, state):
+    m = session.machine
+    m.run(m.migrate_continue, state)
+
+
+def _uint(name, value, lo, hi, unit=""):
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise CommandError(f"Parameter '{name}' expects a uint64 value") from None
+    if not lo <= n <= hi:
+        raise CommandError(f"Parameter '{name.replace('-', '_')}' expects an integer in the "
+                           f"range of {lo} to {hi}{unit}")
+    return n
+
+
+@command("migrate_set_parameter", "parameter:s,value:s", "parameter value",
+         "set a migration parameter (sizes: a bare number is MiB)")
+def migrate_set_parameter(session, parameter, value):
+    if parameter not in S.PARAMETER_DEFAULTS:
+        if parameter in S.ALL_PARAMETERS:
+            raise CommandError(f"qmon does not implement the migration parameter '{parameter}'")
+        raise CommandError(f"invalid parameter value: {parameter}")
+    if parameter in S.SIZE_PARAMETERS:
+        try:
+            n = parse_size(value, default_suffix="M")
+        except ValueError:
+            raise CommandError(f"Invalid size {value}") from None
+        if n >= 1 << 63:
+            raise CommandError(f"Invalid size {value}")
+        if parameter == "xbzrle-cache-size" and (n < 4096 or n & (n - 1)):
+            raise CommandError("Parameter 'xbzrle_cache_size' expects a power of two no less "
+                               "than the target page size")
+    elif parameter == "downtime-limit":
+        n = _uint(parameter, value, 0, 2000000, " ms")
+    elif parameter == "throttle-trigger-threshold":
+        n = _uint(parameter, value, 1, 100)
+    else:
+        n = _uint(parameter, value, 1, 99)
+    m = session.machine
+    m.run(m.params.__setitem__, parameter, n)
+
+
+@command("migrate_set_capability", "capability:s,state:b", "capability state",
+         "turn a migration capability on or off")
+def migrate_set_capability(session, capability, state):
+    m = session.machine
+    if capability not in S.CAPABILITIES:
+        raise CommandError(f"invalid parameter value: {capability}")
+    if m.migration_active():
+        raise CommandError("There's a migration process in progress")
+    if state and capability not in S.IMPLEMENTED_CAPABILITIES:
+        raise CommandError(f"qmon does not implement the migration capability '{capability}' "
+                           f"(it implements {', '.join(sorted(S.IMPLEMENTED_CAPABILITIES))})")
+    m.run(m.caps.__setitem__, capability, state)
+
+
+@command("migrate", help="show the migration status and its counters", table=INFO)
+def info_migrate(session):
+    m = session.machine
+    for line in m.run(render.migrate_info, m):
+        session.out(line)
+
+
+@command("migrate_parameters", help="show the migration parameters", table=INFO)
+def info_migrate_parameters(session):
+    for line in render.migrate_parameters(session.machine.params):
+        session.out(line)
+
+
+@command("migrate_capabilities", help="show the migration capabilities", table=INFO)
+def info_migrate_capabilities(session):
+    for name in S.CAPABILITIES:
+        session.out(f"{name}: {'on' if session.machine.caps[name] else 'off'}")
