@@ -55,29 +55,29 @@ DEFAULT_MACHINE = "lab"
 class VirtualClock:
     """QEMU_CLOCK_VIRTUAL: follows host time while the guest runs, frozen while it is paused."""
 
+    # (ns at the last start/stop/set, host monotonic ns since then or None while stopped),
+    # replaced whole so that a reader on another thread (the toolbar) never sees half of it.
+
     def __init__(self):
-        self._base_ns = 0
-        self._since: int | None = None
+        self._state = (0, None)
 
     def now_ns(self) -> int:
-        since = self._since
+        base, since = self._state
         if since is None:
-            return self._base_ns
-        return self._base_ns + time.monotonic_ns() - since
+            return base
+        return base + time.monotonic_ns() - since
 
     def start(self):
-        if self._since is None:
-            self._since = time.monotonic_ns()
+        if self._state[1] is None:
+            self._state = (self._state[0], time.monotonic_ns())
 
     def stop(self):
-        if self._since is not None:
-            self._base_ns = self.now_ns()
-            self._since = None
+        if self._state[1] is not None:
+            self._state = (self.now_ns(), None)
 
     def set_ns(self, ns: int):
-        running = self._since is not None
-        self._base_ns = ns
-        self._since = time.monotonic_ns() if running else None
+        running = self._state[1] is not None
+        self._state = (ns, time.monotonic_ns() if running else None)
 
 
 class Machine:
@@ -404,7 +404,7 @@ class Machine:
         """All-or-nothing: on a bad stream nothing changes, the runstate included. A missing
         snapshot behaves as in QEMU: a running guest is left paused (restore-vm)."""
         from .savevm.records import StreamError
-        from .savevm.savevm import check_then_load
+        from .savevm.savevm import ApplyError, check_then_load
 
         was_running = self.is_running()
         self.vm_stop(RunState.RESTORE_VM)
@@ -412,14 +412,16 @@ class Machine:
         if info is None:
             raise MachineError(f"Snapshot '{tag}' does not exist in one or more devices")
         path = store.stream_path(info)
-        clock_before = self.clock.now_ns()
         try:
-            warning = check_then_load(self, lambda: open(path, "rb"), self.trace)
+            with open(path, "rb") as f:
+                warning = check_then_load(self, f, self.trace)
         except StreamError as e:
-            self.clock.set_ns(clock_before)
             if was_running:
                 self.vm_start()
             raise MachineError(e.message) from None
+        except ApplyError as e:
+            # RAM is half old, half new: keep the guest stopped, as QEMU leaves it.
+            raise MachineError(f"Error while loading VM state: {e}") from None
         except OSError as e:
             if was_running:
                 self.vm_start()

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 # writer's pid and a nonce (unreferenced once their metadata is gone or was never written).
 _OURS = re.compile(r"^(?:\.tmp-(\d+)-[0-9a-f]{8}\.(?:vmstate|json)|"
                    r"[A-Za-z0-9_%~-]+\.(\d+)-[0-9a-f]{8}\.vmstate)$")
+
+_MAX_META = 1 << 20
 
 # QEMU keeps snapshot names in a 256-byte field and cuts longer ones.
 MAX_TAG_BYTES = 255
@@ -112,16 +115,24 @@ class SnapshotStore:
         return out
 
     def _read_meta(self, name: str) -> SnapshotInfo | None:
-        """Metadata whose stream file is present and complete; anything else is ignored."""
+        """Metadata whose stream file is present; anything unreadable is ignored (never an
+        exception: the directory is the user's, anything may be in it)."""
+        path = os.path.join(self.dir, name)
         try:
-            with open(os.path.join(self.dir, name), encoding="utf-8") as f:
+            if not stat.S_ISREG(os.stat(path).st_mode) or os.path.getsize(path) > _MAX_META:
+                return None
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
             info = SnapshotInfo(tag=str(d["tag"]), id=int(d["id"]), date=float(d["date"]),
                                 vm_clock_ns=int(d["vm_clock_ns"]),
                                 vm_state_size=int(d["vm_state_size"]), stream=str(d["stream"]),
                                 machine=str(d.get("machine", "")),
                                 ram_size=int(d.get("ram_size", 0)))
-        except (OSError, ValueError, KeyError, TypeError):
+            time.localtime(info.date)
+        except Exception:
+            return None
+        if not (0 <= info.id < 1 << 62 and 0 <= info.vm_clock_ns < 1 << 63
+                and 0 <= info.vm_state_size < 1 << 62):
             return None
         if os.path.basename(info.stream) != info.stream or _encode(info.tag) + ".json" != name:
             return None
@@ -153,6 +164,7 @@ class SnapshotStore:
         final_stream = f"{enc}.{nonce}.vmstate"
         tmp_meta = os.path.join(self.dir, f".tmp-{nonce}.json")
         old = self.find(tag)
+        committed = False
         try:
             fd = os.open(tmp_stream, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -161,6 +173,8 @@ class SnapshotStore:
             finally:
                 os.close(fd)
             os.rename(tmp_stream, os.path.join(self.dir, final_stream))
+            # The stream's rename must be durable before the metadata points at it.
+            _fsync_dir(self.dir)
             ids = [i.id for i in self.list()]
             info = SnapshotInfo(tag=tag, id=max(ids, default=0) + 1, date=time.time(),
                                 vm_clock_ns=vm_clock_ns, vm_state_size=size,
@@ -170,13 +184,15 @@ class SnapshotStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp_meta, os.path.join(self.dir, enc + ".json"))
+            committed = True  # from here on the new snapshot exists: never undo it
             _fsync_dir(self.dir)
         except BaseException:
-            for p in (tmp_stream, tmp_meta, os.path.join(self.dir, final_stream)):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+            if not committed:
+                for p in (tmp_stream, tmp_meta, os.path.join(self.dir, final_stream)):
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
             raise
         if old is not None and old.stream != final_stream:
             self._unlink(old.stream)
@@ -209,6 +225,10 @@ class SnapshotStore:
             m = _OURS.match(name)
             if m is None or name in referenced:
                 continue  # not a file qmon writes: never touch it
+            stem = name.split(".", 1)[0]
+            if m.group(2) and os.path.exists(os.path.join(self.dir, stem + ".json")) and \
+                    self._read_meta(stem + ".json") is None:
+                continue  # its metadata exists but cannot be read: keep the data
             pid = int(m.group(1) or m.group(2))
             if pid != os.getpid() and _pid_alive(pid):
                 continue  # another live qmon is writing it

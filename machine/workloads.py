@@ -114,6 +114,11 @@ class Counter(Workload):
         if not n:
             return
         self._carry -= n
+        # However fast it is asked to go, a tick does at most two laps: the machine thread
+        # must come back to the monitor.
+        if n > 2 * self.npages:
+            n = 2 * self.npages
+            self._carry = 0.0
         mem, dirty = self.ram.mem, self.ram.dirty
         while n:
             k = min(n, self.npages - self.pos)
@@ -209,6 +214,9 @@ class Dirty(Workload):
         if not n:
             return
         self._carry -= n
+        if n > 4 * self.wss_pages:
+            n = 4 * self.wss_pages  # a bounded tick, whatever the rate
+            self._carry = 0.0
         mem, dirty, rng = self.ram.mem, self.ram.dirty, self.rng
         first, span = self.first_page, self.wss_pages
         value = self.written

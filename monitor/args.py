@@ -59,6 +59,10 @@ class DumpSpec:
     size: int
 
 
+_SPACE = " \t\n\r\v\f"  # C's isspace(): ASCII only
+_DIGITS = "0123456789"
+
+
 class _Text:
     def __init__(self, s: str, pos: int = 0):
         self.s = s
@@ -68,7 +72,7 @@ class _Text:
         return self.s[self.pos] if self.pos < len(self.s) else ""
 
     def skip_spaces(self):
-        while self.pos < len(self.s) and self.s[self.pos].isspace():
+        while self.pos < len(self.s) and self.s[self.pos] in _SPACE:
             self.pos += 1
 
     def at_end(self) -> bool:
@@ -106,7 +110,7 @@ def _get_str(t: _Text) -> str | None:
         t.pos += 1
         return "".join(out)
     start = t.pos
-    while t.pos < len(s) and not s[t.pos].isspace():
+    while t.pos < len(s) and s[t.pos] not in _SPACE:
         t.pos += 1
     return s[start:t.pos]
 
@@ -199,7 +203,8 @@ class _Expr:
         if c == "$":
             t.pos += 1
             start = t.pos
-            while t.pos < len(t.s) and (t.s[t.pos].isalnum() or t.s[t.pos] in "_."):
+            while t.pos < len(t.s) and (t.s[t.pos].isascii() and t.s[t.pos].isalnum()
+                                        or t.s[t.pos] in "_."):
                 t.pos += 1
             name = t.s[start:t.pos]
             t.skip_spaces()
@@ -231,7 +236,7 @@ def _strtoull(s: str, pos: int):
         base = 8
     digits = "0123456789abcdef"[:base]
     start = i
-    while i < len(s) and s[i].lower() in digits:
+    while i < len(s) and s[i] in digits + digits.upper()[10:]:
         i += 1
     if i == start:
         return 0, pos
@@ -289,7 +294,10 @@ def parse_arguments(cmd_name: str, specs: list[ArgSpec], text: str, memfmt: MemF
             t.pos = len(t.s)
         elif kind == "b":
             t.skip_spaces()
-            value = _get_str(t)
+            start = t.pos
+            while t.pos < len(t.s) and t.s[t.pos] not in _SPACE:
+                t.pos += 1
+            value = t.s[start:t.pos] or None
             if value is None and spec.optional:
                 args[spec.name] = None
                 continue
@@ -302,6 +310,8 @@ def parse_arguments(cmd_name: str, specs: list[ArgSpec], text: str, memfmt: MemF
                 args[spec.name] = None
                 continue
             val = _Expr(t, registers).sum()
+            if kind == "i" and (val >> 32) & 0xFFFFFFFF:
+                raise ArgError(f"'{cmd_name}' has failed: integer is for 32-bit values")
             if kind == "M":
                 val = (val << 20) & _MASK
             args[spec.name] = val
@@ -333,11 +343,14 @@ def _parse_format(t: _Text, memfmt: MemFormat) -> DumpSpec:
         return DumpSpec(1, fmt, -1 if fmt == "i" else memfmt.size)
     t.pos += 1
     count = 1
-    if t.peek().isdigit():
+    if t.peek() and t.peek() in _DIGITS:
         start = t.pos
-        while t.peek().isdigit():
+        while t.peek() and t.peek() in _DIGITS:
             t.pos += 1
-        count = int(t.s[start:t.pos])
+        # QEMU reads it with strtol() into a C int: saturate at LONG_MAX, keep 32 bits.
+        count = min(int(t.s[start:t.pos]), (1 << 63) - 1) & 0xFFFFFFFF
+        if count >= 1 << 31:
+            count -= 1 << 32
     fmt, size = None, None
     while True:
         c = t.peek()
@@ -354,7 +367,7 @@ def _parse_format(t: _Text, memfmt: MemFormat) -> DumpSpec:
         else:
             break
         t.pos += 1
-    if not t.at_end() and not t.peek().isspace():
+    if not t.at_end() and t.peek() not in _SPACE:
         raise ArgError(f"invalid char in format: '{t.peek()}'")
     if fmt is None:
         fmt = memfmt.format

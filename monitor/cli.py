@@ -179,9 +179,10 @@ def _run(opts) -> int:
     except WorkloadError as e:
         print(f"qmon: -workload: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
-        what = f"-mem-path {opts['mem_path']}" if opts["mem_path"] else "-m"
-        print(f"qmon: {what}: {e.strerror or e}", file=sys.stderr)
+    except (OSError, ValueError, OverflowError, MemoryError) as e:
+        what = f"-mem-path {opts['mem_path']}" if opts["mem_path"] else f"-m {opts['ram']}"
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        print(f"qmon: {what}: cannot map guest RAM: {reason}", file=sys.stderr)
         return 1
     try:
         store = SnapshotStore(opts["snapshot_dir"] or default_snapshot_dir())

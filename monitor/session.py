@@ -33,9 +33,13 @@ class Session:
 
     def register_value(self, name: str):
         """$name in expressions: the cpu's registers; None (unknown register) without a cpu."""
-        cpu = self.machine.cpu
-        if cpu is None:
+        m = self.machine
+        if m.cpu is None:
             return None
+        return m.run(self._register, name)
+
+    def _register(self, name: str):
+        cpu = self.machine.cpu
         from machine.devices.cpu import REG_NAMES
 
         n = _REG_ALIASES.get(name.lower(), name.lower())
@@ -59,7 +63,8 @@ class Session:
         table = TOP
         while True:
             j = i
-            while j < len(s) and not s[j].isspace():
+            # QEMU's get_command_name() stops at '/', so "xp/2xb 0" works.
+            while j < len(s) and s[j] != "/" and not s[j].isspace():
                 j += 1
             cmd = find(table, s[i:j])
             if cmd is None:

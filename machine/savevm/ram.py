@@ -242,8 +242,7 @@ class RamLoadState:
     def _check_block(self, rec):
         blk = self.block
         if rec.block != blk.idstr:
-            raise StreamError(f'Unknown ramblock "{rec.block}", cannot accept migration',
-                              rec.offset)
+            raise StreamError(f"Can't find block {rec.block}", rec.offset)
         if rec.addr + PAGE > blk.size:
             raise StreamError(f"Illegal RAM offset {rec.addr:x}", rec.offset)
 

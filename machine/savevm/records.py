@@ -236,9 +236,15 @@ class Parser:
 
     # States ----------------------------------------------------------------------------------
     def _header(self):
+        off = self.offset
+        if self._eof and len(self._buf) - self._pos < 8:
+            # QEMU reads zeros past the end of a short file: the magic check fails first.
+            head = bytes(self._buf[self._pos:]).ljust(8, b"\0")
+            if int.from_bytes(head[:4], "big") != F.QEMU_VM_FILE_MAGIC:
+                raise StreamError("Not a migration stream", off)
+            raise StreamError("Unsupported migration stream version", off + 4)
         if not self._have(8):
             return None
-        off = self.offset
         magic, version = struct.unpack_from(">II", self._buf, self._pos)
         if magic != F.QEMU_VM_FILE_MAGIC:
             raise StreamError("Not a migration stream", off)
@@ -354,8 +360,8 @@ class Parser:
         if flags & F.RAM_SAVE_FLAG_CONTINUE:
             block = self._last_block
             if block is None:
-                raise StreamError("RAM record continues a block, but no block was named before it",
-                                  off)
+                # QEMU's words for a CONTINUE record with no block named before it.
+                raise StreamError("Ack, bad migration stream!", off)
             named = False
         else:
             if not self._have(9):

@@ -231,28 +231,46 @@ class Loader:
             pass
 
     def commit(self):
-        """Apply the staged device state (after every byte of the stream was accepted)."""
+        """Apply the staged device state (after every byte of the stream was accepted).
+
+        QEMU resets the machine before it loads, so a device the stream does not mention
+        ends in its reset state."""
         for se in self.machine.entries:
+            if se.device is None:
+                continue
             values = self.staged.get(se.idstr)
-            if values is not None and se.device is not None:
+            if values is not None:
                 se.device.post_load(values)
+            else:
+                se.device.reset()
 
 
-def check_then_load(machine, open_source, trace=None, chunk: int = 1 << 20):
-    """All-or-nothing load from a re-readable source.
+class ApplyError(Exception):
+    """The second pass failed (an I/O error): RAM is half-written, the state is not whole."""
 
-    ``open_source()`` returns a fresh binary file object each call. The first pass checks every
-    record and stages device state without writing anything; only if it succeeds does the second
-    pass write RAM and the staged state is applied. Returns the loader's warning, if any.
+
+def _feed_file(loader, f, chunk):
+    while True:
+        data = f.read(chunk)
+        if not data:
+            break
+        loader.feed(data)
+    loader.feed_eof()
+
+
+def check_then_load(machine, f, trace=None, chunk: int = 1 << 20):
+    """All-or-nothing load from a seekable binary file.
+
+    The first pass checks every record and stages device state without writing anything (a
+    StreamError leaves the machine untouched); only then does a second pass, over the same open
+    file, write RAM, and the staged state is applied. Returns the loader's warning, if any.
     """
-    for apply in (False, True):
-        loader = Loader(machine, apply, trace if apply else None)
-        with open_source() as f:
-            while True:
-                data = f.read(chunk)
-                if not data:
-                    break
-                loader.feed(data)
-        loader.feed_eof()
+    _feed_file(Loader(machine, False), f, chunk)
+    loader = Loader(machine, True, trace)
+    f.seek(0)
+    try:
+        _feed_file(loader, f, chunk)
+    except (StreamError, OSError) as e:
+        raise ApplyError(getattr(e, "message", None) or str(e)) from None
     loader.commit()
     return loader.warning

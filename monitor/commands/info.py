@@ -20,7 +20,8 @@ def info(session):
 
 @command("status", help="show the run state of the guest", table=INFO)
 def info_status(session):
-    session.out(f"VM status: {status_text(session.machine.runstate)}")
+    m = session.machine
+    session.out(f"VM status: {status_text(m.run(lambda: m.runstate))}")
 
 
 @command("version", help="show the QEMU version qmon speaks, and qmon's own", table=INFO)

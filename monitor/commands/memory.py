@@ -16,14 +16,34 @@ def _dump(session, fmt, addr, virtual: bool):
         raise CommandError("qmon has no disassembler: format 'i' is not supported")
     size = m.ram.size
 
-    def read(a, n):
+    def read_chunk(a, n):
         # The lab cpu runs with paging off, so virtual and physical addresses coincide.
-        if a + n > size:
-            return None
-        return m.ram.read(a, n)
+        a &= (1 << 64) - 1
+        return m.ram.read(a, min(n, size - a)) if a < size else b""
 
-    for line in m.run(render.memory_dump, read, addr, fmt):
-        session.out(line)
+    # Render a window at a time: a huge count streams out without holding the machine thread
+    # (or memory) for the whole dump.
+    wsize = fmt.size if fmt.size > 0 else 1
+    total = max(0, fmt.count) * wsize
+    line_bytes = 8 if wsize == 1 else 16
+    window = 4096 * line_bytes
+    done = 0
+    while done < total:
+        n = min(window, total - done)
+        base = addr + done
+        data = m.run(read_chunk, base, n)
+
+        def read(a, k, base=base, data=data):
+            off = a - base
+            return data[off:off + k] if off + k <= len(data) else None
+
+        spec = type(fmt)(n // wsize, fmt.format, fmt.size)
+        lines = render.memory_dump(read, base, spec)
+        for line in lines:
+            session.out(line)
+        if lines and lines[-1].endswith("Cannot access memory"):
+            break
+        done += n
 
 
 @command("x", "fmt:/,addr:l", "/fmt addr", "dump guest memory at a virtual address")
@@ -55,5 +75,8 @@ def pmemsave(session, val, size, filename):
         done = 0
         while done < size:
             n = min(_CHUNK, size - done)
-            f.write(m.run(chunk, val + done, n))
+            try:
+                f.write(m.run(chunk, val + done, n))
+            except OSError:
+                raise CommandError("An IO error has occurred") from None
             done += n

@@ -6,7 +6,7 @@ from .. import render
 from . import INFO, CommandError, command
 
 
-@command("savevm", "name:s?", "[tag]",
+@command("savevm", "name:s?", "tag",
          "save the machine as a snapshot (no tag: vm-DATE); an existing tag is replaced",
          completion="tag")
 def savevm(session, name=None):

@@ -118,8 +118,7 @@ def _mutations(m, data):
          + bytes([len(m.ram.idstr)]) + m.ram.idstr.encode() + struct.pack(">Q", size // 2)
          + data[ms.offset + 8 + 1 + len(m.ram.idstr) + 8:],
          f"Size mismatch: {m.ram.idstr}: 0x{size // 2:x} != 0x{size:x}: Invalid argument"),
-        ("block name", at(named.offset + 9, b"Z"),
-         f'Unknown ramblock "Z{m.ram.idstr[1:]}", cannot accept migration'),
+        ("block name", at(named.offset + 9, b"Z"), f"Can't find block Z{m.ram.idstr[1:]}"),
         ("page offset", at(page.offset, struct.pack(">Q", size | 0x28)),
          f"Illegal RAM offset {size:x}"),
         ("globalstate", at(gs_payload.offset, struct.pack(">I", 200)),
