@@ -55,7 +55,7 @@ class Monitor:
 
     def _read(self):
         while True:
-            data = self.proc.stdout.read1(65536)
+            data = os.read(self.proc.stdout.fileno(), 65536)
             if not data:
                 return
             with self.lock:
