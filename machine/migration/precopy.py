@@ -11,6 +11,7 @@ guest and the monitor, a writer thread puts them on the wire.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -23,7 +24,9 @@ from .channels import ChannelError, ThreadedSink, connect
 BUFFER_DELAY_MS = 100  # QEMU's window for measuring bandwidth and applying the rate limit
 STEP_MAX_BYTES = 8 << 20  # one step's share, so ticks and monitor requests keep flowing
 STEP_MAX_S = 0.02
-STALL_TIMEOUT_S = 30.0
+# A peer that takes nothing for this long fails the migration (QEMU leaves it to TCP; a
+# teaching tool wants an answer). QMON_MIGRATION_STALL_TIMEOUT sets it, in seconds.
+STALL_TIMEOUT_S = float(os.environ.get("QMON_MIGRATION_STALL_TIMEOUT", "30"))
 
 
 class OutgoingMigration:

@@ -175,3 +175,44 @@ def test_async_output_appears_above_the_prompt(term):
     t.type("quit")
     t.keys("Enter")
     t.wait_text("QMON-EXITED 0")
+
+
+def test_migrate_shows_progress_and_ctrl_c_cancels(term, qmon_proc, tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    dst = qmon_proc("-m", "16M", "-incoming", f"tcp:127.0.0.1:{port}",
+                    "-snapshot-dir", str(tmp_path / "d"))
+    assert dst.cmd("info status") == ["VM status: paused (inmigrate)"]
+    ram = tmp_path / "src.ram"
+    ram.write_bytes(os.urandom(16 << 20))
+    t = term("-m", "16M", "-mem-path", str(ram))
+    t.command("migrate_set_parameter max-bandwidth 1M")
+    t.type(f"migrate tcp:127.0.0.1:{port}")
+    t.keys("Enter")
+    t.wait_text("migrate: active, pass 1")
+    t.keys("C-c")
+    t.wait_for(lambda s: t.prompt_line(s).rstrip() == "(qemu)")
+    time.sleep(0.2)
+    t.command("info migrate")
+    s = t.wait_text("Migration status: cancelled")
+    assert "running |" in s  # the toolbar: the source runs on
+    assert dst.proc.wait(10) == 1  # the destination lost its stream
+
+
+def test_toolbar_follows_a_detached_migration(term, qmon_proc, tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    dst = qmon_proc("-m", "16M", "-incoming", f"tcp:127.0.0.1:{port}",
+                    "-snapshot-dir", str(tmp_path / "d"))
+    dst.cmd("info status")
+    ram = tmp_path / "src.ram"
+    ram.write_bytes(os.urandom(16 << 20))
+    t = term("-m", "16M", "-mem-path", str(ram))
+    t.command("migrate_set_parameter max-bandwidth 4M")
+    t.command(f"migrate -d tcp:127.0.0.1:{port}")
+    t.wait_text("| migration active")
+    t.command("migrate_set_parameter max-bandwidth 1G")
+    t.wait_text("| migration completed")
+    t.wait_text("paused (postmigrate)")

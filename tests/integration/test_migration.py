@@ -335,3 +335,22 @@ def test_the_monitor_answers_during_a_migration(pair):
         assert dst.cmd("info migrate")[len(GLOBALS):][0] == "Migration status: active" or \
             status(src.cmd("info migrate")) == "setup"
     src.cmd("migrate_cancel")
+
+
+def test_a_stalled_peer_fails_the_migration_and_the_source_runs_on(qmon_proc, tmp_path):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    random_ram(tmp_path / "s.ram", 32 << 20)
+    src = qmon_proc("-M", "none", "-m", "32M", "-mem-path", str(tmp_path / "s.ram"),
+                    "-snapshot-dir", str(tmp_path / "s"),
+                    env={"QMON_MIGRATION_STALL_TIMEOUT": "1.5"})
+    src.cmd("migrate_set_parameter max-bandwidth 1G")
+    src.cmd(f"migrate -d tcp:127.0.0.1:{port}")
+    conn, _ = server.accept()  # ...and never read a byte
+    info = src.wait_for("info migrate", lambda o: status(o) == "failed", timeout=30)
+    assert "timed out" in field(info, "Migration status")
+    assert src.cmd("info status") == ["VM status: running"]
+    conn.close()
+    server.close()
