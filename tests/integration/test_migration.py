@@ -324,16 +324,17 @@ def test_a_stream_the_destination_cannot_take_ends_it_with_status_1(qmon_proc, t
            "Invalid argument" in dst.stderr_lines
 
 
-def test_the_monitor_answers_during_a_migration(pair):
-    src, dst, uri = pair(src_args=("-workload", "counter,speed=20000"), size="64M")
+def test_the_monitor_answers_during_a_migration(pair, tmp_path):
+    random_ram(tmp_path / "src.ram", 64 << 20)  # 64 MiB at 16 MiB/s: several seconds
+    src, dst, uri = pair(src_args=("-M", "none", "-workload", "idle"), dst_args=("-M", "none"),
+                         size="64M")
     src.cmd("migrate_set_parameter max-bandwidth 16M")
     src.cmd(f"migrate -d {uri}")
     for _ in range(5):
         info = src.cmd("info migrate")
         assert status(info) in ("setup", "active")
         assert dst.cmd("info status") == ["VM status: paused (inmigrate)"]
-        assert dst.cmd("info migrate")[len(GLOBALS):][0] == "Migration status: active" or \
-            status(src.cmd("info migrate")) == "setup"
+        assert status(dst.cmd("info migrate")) in (None, "active")
     src.cmd("migrate_cancel")
 
 
