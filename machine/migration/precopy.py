@@ -148,8 +148,14 @@ class OutgoingMigration:
         st.remaining = pending
         if pending and pending >= self._threshold:
             budget = int(min(STEP_MAX_BYTES, window_budget - sent_in_window))
+            before = ram.stats.bytes
             out.iterate(deadline=time.monotonic() + STEP_MAX_S, max_bytes=max(budget, 4096))
             out.w.flush()
+            # QEMU files each byte under precopy or downtime by the run state it went in.
+            if self.machine.is_running():
+                st.precopy_bytes += ram.stats.bytes - before
+            else:
+                st.downtime_bytes += ram.stats.bytes - before
             self._count()
             return True
         self._complete()
@@ -257,7 +263,7 @@ class OutgoingMigration:
     def _complete(self):
         m, st = self.machine, self.st
         self._downtime_start = S.now_ms()
-        st.precopy_bytes = self.ram.stats.bytes
+        self._bytes_at_stop = self.ram.stats.bytes
         self.vm_was_running = m.is_running()
         m.globalstate.store(m.runstate)
         if m.is_running():
@@ -277,7 +283,7 @@ class OutgoingMigration:
         self.out.complete()
         self.out.cleanup()
         self._count()
-        self.st.downtime_bytes = self.ram.stats.bytes - self.st.precopy_bytes
+        self.st.downtime_bytes += self.ram.stats.bytes - self._bytes_at_stop
         self._sync_pass_end()
 
     def _sync_pass_end(self):

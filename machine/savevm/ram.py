@@ -96,12 +96,12 @@ class RamSaveState:
         self.bitmap = bytearray(b"\x01") * blk.npages
         blk.dirty[:] = bytes(blk.npages)
         self.stats.dirty_sync_count = 1
-        start = w.bytes_written
+        # QEMU counts page records and each iterate round's EOS as transferred ram, not the
+        # block list here nor the EOS that ends the END section.
         w.put_be64(blk.size | F.RAM_SAVE_FLAG_MEM_SIZE)
         w.put_counted(blk.idstr.encode())
         w.put_be64(blk.size)
         w.put_be64(F.RAM_SAVE_FLAG_EOS)
-        self.stats.bytes += w.bytes_written - start
 
     def iterate(self, w, deadline: float | None = None, max_bytes: int | None = None) -> bool:
         """Send dirty pages until none is left (True), or the deadline or byte budget is hit."""
@@ -115,7 +115,6 @@ class RamSaveState:
         self.sync()
         self._send(w, None, None)
         w.put_be64(F.RAM_SAVE_FLAG_EOS)
-        self.stats.bytes += 8
 
     def _header(self, w, off, flag):
         """A record header, naming the block only when it changed (QEMU's CONTINUE rule)."""
