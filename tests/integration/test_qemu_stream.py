@@ -58,3 +58,38 @@ def test_qemu_stream_with_random_ram_loads_in_qmon(tmp_path, snapdir):
     assert status == 0, out + err
     assert transcript_outputs(out)[1][1] == ["VM status: paused (prelaunch)"]
     assert mine.read_bytes() == bytes(data)
+
+
+def test_after_running_only_the_clock_values_differ(tmp_path, make_machine):
+    """A machine that ran for a while, then paused: same length, same layout; the only bytes
+    that differ are the timer section's two clock values (cpu_ticks_offset and
+    cpu_clock_offset), which depend on how long each program ran."""
+    import time
+
+    from machine.savevm.records import DeviceState, parse_bytes
+    from machine.savevm.savevm import Loader, save_stream
+    from machine.savevm.stream import BytesSink, StreamWriter
+
+    out = tmp_path / "qemu.stream"
+    args = [QEMU, "-M", "none", "-m", "16M", "-nodefaults", "-display", "none",
+            "-monitor", "stdio"]
+    script = (f'stop\nmigrate_set_parameter max-bandwidth 100G\nmigrate "exec:cat > {out}"\n'
+              "info migrate\nquit\n")
+    p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.3)
+    p.communicate(script, timeout=60)
+    theirs = out.read_bytes()
+    m = make_machine("none", 16 << 20)
+    time.sleep(0.3)
+    m.run(m.vm_stop)
+    w = StreamWriter(BytesSink())
+    m.run(save_stream, m, w)
+    mine = bytes(w.sink.data)
+    assert len(mine) == len(theirs)
+    timer = next(r for r in parse_bytes(mine, Loader(m, False).describe)
+                 if isinstance(r, DeviceState) and r.idstr == "timer")
+    clock_bytes = set(range(timer.offset, timer.offset + 8)) | \
+        set(range(timer.offset + 16, timer.offset + 24))
+    differing = {i for i in range(len(mine)) if mine[i] != theirs[i]}
+    assert differing and differing <= clock_bytes
