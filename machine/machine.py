@@ -42,14 +42,29 @@ class MachineType:
     devices: tuple = ()
     default_workload: str = "idle"
     is_default: bool = False
+    cpu_version: int = 2
+    # The name the configuration section carries. The lab versions share "lab", so that a
+    # stream's device versions, not the machine name, decide what loads: the point of v3's
+    # strict section versions.
+    config_name: str = ""
+    alias_of: str | None = None
 
 
+_LAB = "qmon teaching machine (cpu v{}, timer, serial, globalstate, ram)"
 MACHINE_TYPES = {
-    "lab": MachineType("lab", "qmon teaching machine (cpu, timer, serial, globalstate, ram)",
-                       "lab.ram", (Cpu, Serial), "counter", True),
-    "none": MachineType("none", "empty machine (the sections of QEMU's -M none)", "ram"),
+    "lab-2.0": MachineType("lab-2.0", _LAB.format(2), "lab.ram", (Cpu, Serial), "counter",
+                           True, 2, "lab"),
+    "lab-1.0": MachineType("lab-1.0", _LAB.format(1), "lab.ram", (Cpu, Serial), "counter",
+                           False, 1, "lab"),
+    "none": MachineType("none", "empty machine (the sections of QEMU's -M none)", "ram",
+                        config_name="none"),
 }
+MACHINE_ALIASES = {"lab": "lab-2.0"}
 DEFAULT_MACHINE = "lab"
+
+
+def machine_type(name: str) -> MachineType:
+    return MACHINE_TYPES[MACHINE_ALIASES.get(name, name)]
 
 
 class VirtualClock:
@@ -84,9 +99,10 @@ class Machine:
     def __init__(self, type_name: str = DEFAULT_MACHINE, ram_size: int = 128 << 20,
                  mem_path: str | None = None, workload: str | None = None,
                  name: str | None = None, serial_stdio: bool = False):
-        mt = MACHINE_TYPES[type_name]
+        mt = machine_type(type_name)
         self.type = mt
         self.type_name = mt.name
+        self.config_name = mt.config_name
         self.name = name
         self.ram = RAMBlock(mt.ram_name, ram_size, mem_path)
         self.clock = VirtualClock()
@@ -105,8 +121,8 @@ class Machine:
         register(self.entries, "globalstate", 1, device=self.globalstate)
         self.devices = {"timer": self.timer, "globalstate": self.globalstate}
         for cls in mt.devices:
-            dev = cls(self)
-            register(self.entries, cls.idstr, cls.vmsd.version_id, device=dev)
+            dev = cls(self, mt.cpu_version) if cls is Cpu else cls(self)
+            register(self.entries, cls.idstr, dev.vmsd.version_id, device=dev)
             self.devices[cls.idstr] = dev
         self.cpu = self.devices.get("cpu")
         self.serial = self.devices.get("serial")
@@ -125,7 +141,10 @@ class Machine:
         self.params = dict(PARAMETER_DEFAULTS)
         self.caps = {c: False for c in CAPABILITIES}
         self.autostart = True
-        self.trace = None  # callable(event, *args) when trace events are on
+        from .trace import Tracer
+
+        # Trace events (QEMU's names and text); lines go where the machine's messages go.
+        self.trace = Tracer(lambda line: self.message(line))
         self.event_listeners: list = []  # callables(name, data): QMP-style events
         self.on_fatal = None  # callable(message): the front end ends the process
 

@@ -29,6 +29,7 @@ Options (QEMU's spellings):
   -incoming URI      wait in 'paused (inmigrate)' for a migration stream: tcp:HOST:PORT,
                      unix:PATH, exec:CMD (reads CMD's stdout), or defer (then
                      migrate_incoming URI); listeners bind 127.0.0.1 unless HOST says else
+  -trace PATTERN     turn on trace events from the start (also -trace enable=PATTERN)
   -f FILE            run monitor commands from FILE, one a line, printing a transcript
   --version          print the version and exit
   --help, -h         print this help and exit
@@ -60,7 +61,7 @@ def parse_argv(argv: list[str]) -> dict:
 
     opts = {"ram": 128 << 20, "machine": "lab", "paused": False, "name": None,
             "workload": None, "mem_path": None, "snapshot_dir": None, "script": None,
-            "serial": "none", "action": None, "incoming": None}
+            "serial": "none", "action": None, "incoming": None, "trace": []}
     i = 0
 
     def value(opt):
@@ -106,6 +107,9 @@ def parse_argv(argv: list[str]) -> dict:
             if v not in ("stdio", "none"):
                 raise UsageError(f"-serial {v}: qmon supports 'stdio' and 'none'")
             opts["serial"] = v
+        elif a == "-trace":
+            v = value(a)
+            opts["trace"].append(v[7:] if v.startswith("enable=") else v)
         elif a == "-incoming":
             opts["incoming"] = value(a)
         elif a == "-f":
@@ -122,9 +126,11 @@ def parse_argv(argv: list[str]) -> dict:
 
 
 def machine_help() -> str:
-    from machine.machine import MACHINE_TYPES
+    from machine.machine import MACHINE_ALIASES, MACHINE_TYPES
 
     lines = ["Supported machines are:"]
+    for alias, target in MACHINE_ALIASES.items():
+        lines.append(f"{alias:<20} {MACHINE_TYPES[target].desc} (alias of {target})")
     for mt in MACHINE_TYPES.values():
         lines.append(f"{mt.name:<20} {mt.desc}{' (default)' if mt.is_default else ''}")
     return "\n".join(lines)
@@ -151,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qmon version {__version__} (QEMU {'.'.join(map(str, QEMU_VERSION))} "
               "savevm protocol and monitor)")
         return 0
-    from machine.machine import MACHINE_TYPES
+    from machine.machine import MACHINE_ALIASES, MACHINE_TYPES
 
     if opts["machine"] in ("help", "?"):
         print(machine_help())
         return 0
-    if opts["machine"] not in MACHINE_TYPES:
+    if opts["machine"] not in MACHINE_TYPES and opts["machine"] not in MACHINE_ALIASES:
         print(f"qmon: -M {opts['machine']}: unsupported machine type\n"
               "Use -machine help to list supported machines", file=sys.stderr)
         return 1
@@ -205,6 +211,13 @@ def _run(opts) -> int:
         os._exit(1)
 
     machine.on_fatal = fatal
+    from machine.trace import TraceError
+    for pattern in opts["trace"]:
+        try:
+            machine.trace.set_state(pattern, True)
+        except TraceError as e:
+            print(f"qmon: -trace {pattern}: {e}", file=sys.stderr)
+            return 1
     from machine.machine import MachineError
     try:
         machine.start(paused=opts["paused"], incoming=opts["incoming"])

@@ -32,6 +32,10 @@ class Cpu(Device):
     idstr = "cpu"
     vmsd = cpu_vmsd(2)
 
+    def __init__(self, machine, version_id: int = 2):
+        self.vmsd = cpu_vmsd(version_id)  # the machine type picks the cpu's version
+        super().__init__(machine)
+
     def pre_save(self):
         # The TSC counts with the virtual clock (1 GHz); the timer section restores the clock.
         return dict(self.state, tsc=self.machine.clock.now_ns())

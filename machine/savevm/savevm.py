@@ -59,7 +59,7 @@ class OutgoingStream:
         w = self.w
         w.put_be32(F.QEMU_VM_FILE_MAGIC)
         w.put_be32(F.QEMU_VM_FILE_VERSION)
-        name = self.machine.type_name.encode()
+        name = self.machine.config_name.encode()
         w.put_u8(F.QEMU_VM_CONFIGURATION)
         w.put_be32(len(name))
         w.put_bytes(name)
@@ -67,11 +67,10 @@ class OutgoingStream:
     def setup(self):
         self.trace("savevm_state_setup")
         for se, state in self.live:
-            self.trace("savevm_section_start", se.idstr, se.section_id)
+            # QEMU traces no section_start/end for the setup round.
             _section_header(self.w, se, F.QEMU_VM_SECTION_START)
             state.setup(self.w)
             _section_footer(self.w, se)
-            self.trace("savevm_section_end", se.idstr, se.section_id, 0)
 
     def iterate(self, deadline=None, max_bytes=None) -> bool:
         """One PART round of every live section; True when all of them have nothing left."""
@@ -200,12 +199,12 @@ class Loader:
         t = type(rec)
         if t is SectionHeader:
             self.section = rec
+            self.trace("qemu_loadvm_state_section", rec.section_type)
             if rec.section_type in (F.QEMU_VM_SECTION_START, F.QEMU_VM_SECTION_FULL):
                 self.trace("qemu_loadvm_state_section_startfull", rec.section_id, rec.idstr,
                            rec.instance_id, rec.version_id)
             else:
                 self.trace("qemu_loadvm_state_section_partend", rec.section_id)
-            self.trace("qemu_loadvm_state_section", rec.section_type)
         elif t is RamMemSize:
             self.ram.mem_size(rec)
         elif t is DeviceState:
@@ -216,18 +215,21 @@ class Loader:
             except (LoadError, VMStateError) as e:
                 raise StreamError(str(e), rec.offset) from None
             self.staged[rec.idstr] = values
+        elif t is Header:
+            self.trace("loadvm_state_setup")
         elif t is Configuration:
-            local = self.machine.type_name
+            local = self.machine.config_name
             # QEMU compares only as many bytes as it received (strncmp with the received length).
             if not local.startswith(rec.name):
                 raise StreamError(f"Machine type received is '{rec.name}' and local is "
                                   f"'{local}'", rec.offset)
         elif t is EOF:
+            self.trace("qemu_loadvm_state_section", F.QEMU_VM_EOF)
             self.trace("qemu_loadvm_state_post_main", 0)
         elif t is End:
             self.warning = rec.warning
             self.finished = True
-        elif t in (Header, Footer, RamEOS, VMDesc):
+        elif t in (Footer, RamEOS, VMDesc):
             pass
 
     def commit(self):
@@ -235,6 +237,7 @@ class Loader:
 
         QEMU resets the machine before it loads, so a device the stream does not mention
         ends in its reset state."""
+        self.trace("loadvm_state_cleanup")
         for se in self.machine.entries:
             if se.device is None:
                 continue

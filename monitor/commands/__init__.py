@@ -66,4 +66,4 @@ def sorted_table(table: list[Command]) -> list[Command]:
 
 
 # Load every theme module so their commands register.
-from . import help, info, memory, migration, snapshots, vm  # noqa: E402,F401
+from . import help, info, memory, migration, snapshots, trace, vm  # noqa: E402,F401

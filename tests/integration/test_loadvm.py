@@ -96,9 +96,9 @@ def _mutations(m, data):
         ("v2", at(4, struct.pack(">I", 2)),
          "SaveVM v2 format is obsolete and don't work anymore"),
         ("config missing", at(8, b"\x04"), "Configuration section missing"),
-        ("machine type", at(13, b"p" + b"x" * (len(m.type_name) - 1)),
-         f"Machine type received is 'p{'x' * (len(m.type_name) - 1)}' and local is "
-         f"'{m.type_name}'"),
+        ("machine type", at(13, b"p" + b"x" * (len(m.config_name) - 1)),
+         f"Machine type received is 'p{'x' * (len(m.config_name) - 1)}' and local is "
+         f"'{m.config_name}'"),
         ("unknown section", at(timer.offset + 6, b"tumer"),
          "Unknown savevm section or instance 'tumer' 0. Make sure that your current VM setup "
          "matches your saved VM setup, including any hotplugged devices"),

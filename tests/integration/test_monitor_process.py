@@ -142,7 +142,10 @@ def test_runstate_sequence_with_S_as_qemu(snapdir):
 def test_machine_help_version_and_bad_options():
     status, out, _ = run_qmon(["-M", "help"])
     assert status == 0 and out.splitlines()[0] == "Supported machines are:"
-    assert any(l.startswith("lab ") and l.endswith("(default)") for l in out.splitlines())
+    lines = out.splitlines()
+    assert any(l.startswith("lab-2.0 ") and l.endswith("(default)") for l in lines)
+    assert any(l.startswith("lab-1.0 ") for l in lines)
+    assert any(l.startswith("lab ") and l.endswith("(alias of lab-2.0)") for l in lines)
     assert any(l.startswith("none ") for l in out.splitlines())
     status, out, _ = run_qmon(["--version"])
     assert status == 0 and "qmon version" in out

@@ -1,0 +1,87 @@
+"""Teaching features: trace events, strict versions (lab-1.0 / lab-2.0)."""
+
+import pytest
+
+from conftest import free_port, run_qmon, transcript_outputs
+
+
+def outputs(args, commands, snapdir):
+    status, out, err = run_qmon(list(args) + ["-snapshot-dir", snapdir],
+                                "\n".join(commands) + "\n")
+    assert "Traceback" not in out + err
+    return status, [lines for _, lines in transcript_outputs(out)]
+
+
+def test_trace_of_a_save_and_a_load(snapdir):
+    status, got = outputs(
+        ["-M", "none", "-m", "1M", "-S", "-trace", "savevm_*"],
+        ["savevm b", "trace-event savevm* off", "trace-event qemu_loadvm* on",
+         "trace-event loadvm_state* on", "loadvm b", "info trace-events savevm_state_h*"],
+        snapdir)
+    assert got[0] == [
+        "savevm_state_header ", "savevm_state_setup ", "savevm_state_iterate ",
+        "savevm_section_start ram, section_id 2", "savevm_section_end ram, section_id 2 -> 1",
+        "savevm_state_complete_precopy ",
+        "savevm_section_start ram, section_id 2", "savevm_section_end ram, section_id 2 -> 0",
+        "savevm_section_start timer, section_id 0", "savevm_section_end timer, section_id 0 -> 0",
+        "savevm_section_start globalstate, section_id 4",
+        "savevm_section_end globalstate, section_id 4 -> 0", "savevm_state_cleanup "]
+    assert got[4] == [
+        "loadvm_state_setup ",
+        "qemu_loadvm_state_section 1", "qemu_loadvm_state_section_startfull 2(ram) 0 4",
+        "qemu_loadvm_state_section 2", "qemu_loadvm_state_section_partend 2",
+        "qemu_loadvm_state_section 3", "qemu_loadvm_state_section_partend 2",
+        "qemu_loadvm_state_section 4", "qemu_loadvm_state_section_startfull 0(timer) 0 2",
+        "qemu_loadvm_state_section 4",
+        "qemu_loadvm_state_section_startfull 4(globalstate) 0 1",
+        "qemu_loadvm_state_section 0", "qemu_loadvm_state_post_main 0",
+        "loadvm_state_cleanup "]
+    assert got[5] == ["savevm_state_header : state 0"]
+
+
+def test_trace_errors(snapdir):
+    status, got = outputs(["-M", "none", "-m", "1M"],
+                          ["trace-event nosuch on", "trace-event savevm_state_header maybe",
+                           "trace-event"], snapdir)
+    assert got == [['unknown event "nosuch"'],
+                   ["Expected 'on' or 'off'", 'Try "help trace-event" for more information'],
+                   ["trace-event: string expected",
+                    'Try "help trace-event" for more information']]
+    status, out, err = run_qmon(["-trace", "nosuch", "-snapshot-dir", snapdir], "")
+    assert status == 1 and 'unknown event "nosuch"' in err
+
+
+def test_version_matrix_loadvm(snapdir):
+    # a lab-1.0 snapshot loads into lab-2.0: cpu v1 -> v2, the new field takes its default
+    status, got = outputs(["-M", "lab-1.0", "-m", "1M", "-S"], ["savevm old"], snapdir)
+    assert status == 0
+    status, got = outputs(["-M", "lab-2.0", "-m", "1M", "-S"],
+                          ["loadvm old", "info registers", "savevm new"], snapdir)
+    assert got[0] == [] and got[1][-1].endswith("XCR0=0000000000000001")
+    # a lab-2.0 snapshot does not load into lab-1.0, and changes nothing there
+    status, got = outputs(["-M", "lab-1.0", "-m", "1M", "-S", "-workload", "idle"],
+                          ["xp /1xb 0", "loadvm new", "info status", "xp /1xb 0"], snapdir)
+    assert got[1] == ["Error: savevm: unsupported version 2 for 'cpu' v1"]
+    assert got[2] == ["VM status: paused (prelaunch)"]
+    assert got[0] == got[3]
+
+
+def test_version_matrix_migration(qmon_proc, tmp_path):
+    snaps = str(tmp_path / "s")
+    port = free_port()
+    dst = qmon_proc("-M", "lab-2.0", "-m", "2M", "-S", "-incoming", f"tcp:127.0.0.1:{port}",
+                    "-snapshot-dir", snaps)
+    dst.cmd("info status")
+    src = qmon_proc("-M", "lab-1.0", "-m", "2M", "-snapshot-dir", snaps)
+    src.cmd(f"migrate tcp:127.0.0.1:{port}")
+    dst.wait_for("info status", lambda o: o == ["VM status: paused"])
+    assert dst.cmd("info workload")[-1] == "invariant: ok"
+    port = free_port()
+    old = qmon_proc("-M", "lab-1.0", "-m", "2M", "-incoming", f"tcp:127.0.0.1:{port}",
+                    "-snapshot-dir", snaps)
+    old.cmd("info status")
+    new = qmon_proc("-M", "lab", "-m", "2M", "-snapshot-dir", snaps)
+    new.cmd(f"migrate tcp:127.0.0.1:{port}")
+    assert old.proc.wait(20) == 1
+    assert ("qmon: load of migration failed: savevm: unsupported version 2 for 'cpu' v1"
+            in old.stderr_lines)
