@@ -203,3 +203,35 @@ def migrate_parameters(params: dict) -> list[str]:
         else:
             lines.append(f"{name}: {value}")
     return lines
+
+
+def migrate_passes(st, width: int = 40) -> list[str]:
+    """qmon's 'info migrate_passes': one row per pass (dirty sync period) of the current or
+    last migration, and a bar chart of the dirty memory left at the end of each, so that
+    convergence, or the lack of it, shows at a glance."""
+    from machine.migration.state import now_ms
+
+    passes = list(st.passes)
+    cur = st.current_pass
+    if not passes and cur is None:
+        return ["No migration has run yet."]
+    lines = [f"{'pass':>4} {'duration':>10} {'pages':>8} {'zero':>8} {'dirtied':>8} "
+             f"{'bandwidth':>12} {'exp.downtime':>12} {'pending':>10}"]
+
+    def row(p, running=False):
+        dur = (now_ms() - p.start_ms) if running else p.duration_ms
+        bw = p.bandwidth * 1000  # bytes/ms -> bytes/s
+        pending = "(running)" if running else format_size(p.pending_bytes)
+        return (f"{p.number:>4} {dur:>7.0f} ms {p.pages:>8} {p.zero_pages:>8} {p.dirtied:>8} "
+                f"{format_size(bw) + '/s':>12} {p.expected_downtime_ms:>9.0f} ms {pending:>10}")
+
+    lines += [row(p) for p in passes]
+    if cur is not None and st.status not in ("completed", "failed", "cancelled"):
+        lines.append(row(cur, running=True))
+    peak = max((p.pending_bytes for p in passes), default=0)
+    if passes:
+        lines.append("dirty memory left at the end of each pass:")
+        for p in passes:
+            n = round(width * p.pending_bytes / peak) if peak else 0
+            lines.append(f"{p.number:>4} |{'#' * n} {format_size(p.pending_bytes)}")
+    return lines

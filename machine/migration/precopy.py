@@ -123,7 +123,7 @@ class OutgoingMigration:
         self._last_sync_ms = S.now_ms()
         self._xfer_prev = 0
         self._dirty_high = 0
-        self._pass = S.PassRecord(1, S.now_ms())
+        self._pass = st.current_pass = S.PassRecord(1, S.now_ms())
         self._pass_stats0 = (0, 0)
         self.machine.emit_migration_status(S.ACTIVE)
         return True
@@ -173,10 +173,13 @@ class OutgoingMigration:
         p.zero_pages = ram.stats.zero_pages - zero0
         p.dirtied = ram.stats.dirtied_last_sync
         p.bandwidth = self._bandwidth
-        p.expected_downtime_ms = st.expected_downtime_ms
         p.pending_bytes = ram.pending_pages() * 4096
+        # What stopping now would cost: the dirty bytes at this sync over the bandwidth.
+        if self._bandwidth:
+            st.expected_downtime_ms = p.pending_bytes / self._bandwidth
+        p.expected_downtime_ms = st.expected_downtime_ms
         st.passes.append(p)
-        self._pass = S.PassRecord(p.number + 1, now)
+        self._pass = st.current_pass = S.PassRecord(p.number + 1, now)
         self._pass_stats0 = (ram.stats.normal_pages + ram.stats.zero_pages + ram.stats.xbzrle_pages,
                              ram.stats.zero_pages)
         self._period_dirty = getattr(self, "_period_dirty", 0) + p.dirtied
@@ -295,6 +298,7 @@ class OutgoingMigration:
         p.bandwidth = self._bandwidth
         p.pending_bytes = 0
         self.st.passes.append(p)
+        self.st.current_pass = None
 
     def _wait_drained(self) -> bool:
         if self.sink.error is not None:

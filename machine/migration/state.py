@@ -85,5 +85,6 @@ class MigrationState:
     xbzrle: dict | None = None
     throttle_pct: int = 0
     passes: list = field(default_factory=list)
+    current_pass: PassRecord | None = None  # the pass under way, for info migrate_passes
     # Set for a listening destination: the addresses 'info migrate' shows.
     socket_addresses: list = field(default_factory=list)

@@ -160,3 +160,11 @@ def info_migrate_parameters(session):
 def info_migrate_capabilities(session):
     for name in S.CAPABILITIES:
         session.out(f"{name}: {'on' if session.machine.caps[name] else 'off'}")
+
+
+@command("migrate_passes", help="show the passes of the current or last migration (qmon)",
+         table=INFO)
+def info_migrate_passes(session):
+    m = session.machine
+    for line in m.run(render.migrate_passes, m.migration):
+        session.out(line)

@@ -118,6 +118,15 @@ def test_forced_multi_pass_migration_converges_when_relaxed(pair, tmp_path):
     src.cmd("migrate_set_parameter downtime-limit 300")
     info = src.wait_for("info migrate", lambda o: status(o) == "completed", timeout=30)
     assert int(field(info, "dirty sync count")) >= 3
+    passes = src.cmd("info migrate_passes")
+    assert passes[0].split() == ["pass", "duration", "pages", "zero", "dirtied", "bandwidth",
+                                 "exp.downtime", "pending"]
+    chart = passes.index("dirty memory left at the end of each pass:")
+    rows = passes[1:chart]
+    assert len(rows) >= 2 and [int(r.split()[0]) for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0].split()[3] == "2048"  # the first pass sends every page of the 8 MiB
+    assert int(rows[1].split()[5]) > 0  # pages dirtied again during the second pass
+    assert passes[chart + 1].startswith("   1 |#")
     dst.wait_for("info status", lambda o: o == ["VM status: paused"])
     assert dst.cmd("info workload")[-1] == "invariant: ok"
     assert (tmp_path / "dst.ram").read_bytes() == (tmp_path / "src.ram").read_bytes()
