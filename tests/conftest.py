@@ -79,6 +79,7 @@ class QmonProc:
                                      env=e, cwd=ROOT, bufsize=1)
         self.lines = queue.Queue()
         self.stderr_lines = []
+        self.seen: list[str] = []  # every stdout line, async messages included
         threading.Thread(target=self._read, args=(self.proc.stdout, self.lines.put),
                          daemon=True).start()
         threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr_lines.append),
@@ -104,6 +105,7 @@ class QmonProc:
                 raise AssertionError(f"no answer to {line!r}; so far {out}") from None
             if got is None:
                 raise AssertionError(f"qmon exited during {line!r}: {out} {self.stderr_lines}")
+            self.seen.append(got)
             if not seen_echo:
                 if got == f"(qemu) {line}":
                     seen_echo = True

@@ -20,7 +20,7 @@ class ChannelError(Exception):
 def parse_uri(uri: str):
     """(kind, address) for a migration URI, with QEMU's messages for bad ones."""
     kind, sep, rest = uri.partition(":")
-    if not sep or kind not in ("tcp", "unix", "exec"):
+    if not sep or kind not in ("tcp", "unix", "exec", "file"):
         raise ChannelError("Parameter 'uri' expects a valid migration protocol")
     if kind == "tcp":
         host, sep, port = rest.rpartition(":")
@@ -89,9 +89,30 @@ class ExecSink:
         self.proc.wait()
 
 
+class FileSink:
+    """``file:PATH`` (qmon's; QEMU 7.2 has none): a seekable target, which version 2 needs."""
+
+    def __init__(self, path: str):
+        from ..savevm.stream import FdSink
+
+        self.f = open(path, "wb")
+        self._fd = FdSink(self.f.fileno())
+
+    def writev(self, buffers):
+        self._fd.writev(buffers)
+
+    def close(self):
+        self.f.close()
+
+
 def connect(uri: str, timeout: float = 10.0):
     """Open an outgoing channel; raises ChannelError with QEMU's wording."""
     kind, addr = parse_uri(uri)
+    if kind == "file":
+        try:
+            return FileSink(addr)
+        except OSError as e:
+            raise ChannelError(f"Could not open '{addr}': {e.strerror}") from None
     if kind == "exec":
         try:
             return ExecSink(addr)
@@ -223,12 +244,20 @@ class Listener:
             self.sock.listen(1)
             self.path = addr
             self.address = f"unix:{addr}"
+        elif kind == "file":
+            self.address = f"file:{addr}"
+            self.path = addr
         else:
             self.address = f"exec:{addr}"
             self.command = addr
 
     def accept(self):
         """Block until the stream starts; returns an object with recv_into() and close()."""
+        if self.kind == "file":
+            try:
+                return _FileSource(open(self.path, "rb"))
+            except OSError as e:
+                raise ChannelError(f"Could not open '{self.path}': {e.strerror}") from None
         if self.kind == "exec":
             try:
                 self.proc = subprocess.Popen(["/bin/sh", "-c", self.command],
@@ -252,6 +281,17 @@ class Listener:
                 except OSError:
                     pass
             self.sock = None
+
+
+class _FileSource:
+    def __init__(self, f):
+        self.f = f
+
+    def recv_into(self, buf) -> int:
+        return self.f.readinto(buf) or 0
+
+    def close(self):
+        self.f.close()
 
 
 class _PipeSource:

@@ -77,6 +77,9 @@ class IncomingMigration:
         except StreamError as e:
             self._fail(e.message)
             return False
+        except Exception as e:  # a bug of ours must still end in a clear failure
+            self._fail(f"internal error: {type(e).__name__}: {e}")
+            return False
         if self.loader.finished:
             self._done()
             return False
@@ -90,14 +93,17 @@ class IncomingMigration:
         except StreamError as e:
             self._fail(e.message)
             return
+        except Exception as e:
+            self._fail(f"internal error: {type(e).__name__}: {e}")
+            return
         self._done()
 
     def _done(self):
         m = self.machine
         self.loader.commit()
         m.workload.resync()
-        if self.loader.warning:
-            m.message(self.loader.warning)
+        for note in self.loader.warnings + ([self.loader.warning] if self.loader.warning else []):
+            m.message(note)
         st = self.st
         st.status = S.COMPLETED
         st.total_ms = S.now_ms() - st.start_ms

@@ -23,6 +23,8 @@ PARAMETER_DEFAULTS = {
     "max-bandwidth": 128 << 20,  # bytes/s
     "downtime-limit": 300,  # ms
     "xbzrle-cache-size": 64 << 20,  # bytes
+    # qmon's: 3 (QEMU's streaming format) or 2 (the old container, which must seek).
+    "x-stream-version": 3,
 }
 # Everything QEMU 7.2 lists, so a real but unimplemented name gets a clear answer.
 ALL_PARAMETERS = (

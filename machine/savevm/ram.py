@@ -103,6 +103,17 @@ class RamSaveState:
         w.put_be64(blk.size)
         w.put_be64(F.RAM_SAVE_FLAG_EOS)
 
+    def save_all(self, w):
+        """The whole of RAM as one payload (the version 2 container's ram record): the block
+        list, every page, EOS."""
+        blk = self.block
+        self.bitmap = bytearray(b"\x01") * blk.npages
+        w.put_be64(blk.size | F.RAM_SAVE_FLAG_MEM_SIZE)
+        w.put_counted(blk.idstr.encode())
+        w.put_be64(blk.size)
+        self._send(w, None, None)
+        w.put_be64(F.RAM_SAVE_FLAG_EOS)
+
     def iterate(self, w, deadline: float | None = None, max_bytes: int | None = None) -> bool:
         """Send dirty pages until none is left (True), or the deadline or byte budget is hit."""
         done = self._send(w, deadline, max_bytes)

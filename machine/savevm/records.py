@@ -118,6 +118,21 @@ class DeviceState:
 
 
 @dataclass(slots=True)
+class V2Record:
+    """A record of the version 2 container (reference section 6). ``kind`` is "ram",
+    "device", or "skip" (the v2 loader's lax answer to a record it does not know); the
+    payload's records follow it (for "skip" nothing does: its bytes are passed over)."""
+
+    offset: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    length: int
+    kind: str
+    note: str | None = None
+
+
+@dataclass(slots=True)
 class Footer:
     offset: int
     section_id: int
@@ -152,16 +167,24 @@ class _Section:
 
 
 # Parser states.
-_S_HEADER, _S_CONFIG, _S_TOP, _S_RAM, _S_DEVICE, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE = range(9)
+(_S_HEADER, _S_CONFIG, _S_TOP, _S_RAM, _S_DEVICE, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE,
+ _S_V2_TOP, _S_V2_SKIP) = range(11)
 
 _RAM_KIND_FLAGS = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_XBZRLE
 
 
 class Parser:
-    def __init__(self, describe):
+    def __init__(self, describe, describe_v2=None):
         """``describe(idstr, instance_id, version_id)`` returns ``("ram", None)`` or
-        ``("device", payload_size)``, or raises StreamError."""
+        ``("device", payload_size)``, or raises StreamError. For version 2 streams,
+        ``describe_v2`` may answer more laxly: ``("skip", note)`` for a record to pass over,
+        or ``("device", size, note, version)`` to load a record at another version than it
+        claims."""
         self._describe = describe
+        self._describe_v2 = describe_v2
+        self.version = None
+        self._v2_end = 0  # stream offset where the v2 records end
+        self._skip_left = 0
         self._buf = bytearray()
         self._pos = 0
         self._base = 0  # stream offset of _buf[0]
@@ -209,6 +232,10 @@ class Parser:
             return self._footer()
         if state == _S_DEVICE:
             return self._device()
+        if state == _S_V2_TOP:
+            return self._v2_top()
+        if state == _S_V2_SKIP:
+            return self._v2_skip()
         if state == _S_HEADER:
             return self._header()
         if state == _S_CONFIG:
@@ -249,12 +276,79 @@ class Parser:
         if magic != F.QEMU_VM_FILE_MAGIC:
             raise StreamError("Not a migration stream", off)
         if version == F.QEMU_VM_FILE_VERSION_COMPAT:
-            raise StreamError("SaveVM v2 format is obsolete and don't work anymore", off + 4)
+            if not self._have(16):
+                return None
+            (total,) = _BE64.unpack_from(self._buf, self._pos + 8)
+            self._pos += 16
+            self.version = 2
+            self._v2_end = self.offset + total
+            self._state = _S_V2_TOP
+            return Header(off, version)
         if version != F.QEMU_VM_FILE_VERSION:
             raise StreamError("Unsupported migration stream version", off + 4)
         self._pos += 8
+        self.version = 3
         self._state = _S_CONFIG
         return Header(off, version)
+
+    # Version 2: records with lengths, no section types, no footers, no configuration.
+    def _v2_top(self):
+        off = self.offset
+        if off >= self._v2_end:
+            self._state = _S_DONE
+            return End(off)
+        if not self._have(1):
+            return None
+        buf, p = self._buf, self._pos
+        n = buf[p]
+        if not self._have(1 + n + 12):
+            return None
+        idstr = bytes(buf[p + 1: p + 1 + n]).decode("latin-1")
+        instance_id, version_id, length = struct.unpack_from(">III", buf, p + 1 + n)
+        self._pos = p + 1 + n + 12
+        start = self.offset
+        if start + length > self._v2_end:
+            raise StreamError(f"v2 record '{idstr}' of {length} bytes runs past the stream's "
+                              "total length", off)
+        note = None
+        if self._describe_v2 is not None:
+            answer = self._describe_v2(idstr, instance_id, version_id)
+        else:
+            try:
+                answer = self._describe(idstr, instance_id, version_id)
+            except StreamError as e:
+                answer = ("skip", e.message)
+        kind = answer[0]
+        if kind == "skip":
+            note = answer[1]
+            self._skip_left = length
+            self._state = _S_V2_SKIP
+            return V2Record(off, idstr, instance_id, version_id, length, "skip", note)
+        sec = _Section(idstr, instance_id, version_id, kind, answer[1] or 0)
+        if kind == "device":
+            if len(answer) > 2:
+                note = answer[2]
+                sec.version_id = answer[3]
+            # Lax as v2 was: a payload of another size is cut or padded to the layout used.
+            sec.size = answer[1]
+            self._v2_device_len = length
+        self._current = sec
+        self._v2_record_end = start + length
+        self._state = _S_RAM if kind == "ram" else _S_DEVICE
+        return V2Record(off, idstr, instance_id, version_id, length, kind, note)
+
+    def _v2_skip(self):
+        n = min(self._skip_left, len(self._buf) - self._pos)
+        if n == 0 and self._skip_left:
+            if self._eof:
+                raise StreamError("truncated stream: a v2 record ends early", self.offset)
+            return None
+        self._pos += n
+        self._skip_left -= n
+        if self._skip_left:
+            return None
+        self._state = _S_V2_TOP
+        return self._v2_top()
 
     def _config(self):
         if not self._have(1):
@@ -314,6 +408,16 @@ class Parser:
 
     def _device(self):
         sec = self._current
+        if self.version == 2:
+            length = self._v2_device_len
+            if not self._have(length):
+                return None
+            off = self.offset
+            data = bytes(self._buf[self._pos: self._pos + length])
+            self._pos += length
+            self._state = _S_V2_TOP
+            return DeviceState(off, sec.idstr, sec.version_id,
+                               data[:sec.size].ljust(sec.size, b"\0"))
         if not self._have(sec.size):
             return None
         off = self.offset
@@ -349,7 +453,13 @@ class Parser:
         addr = word & F.TARGET_PAGE_MASK
         if flags == F.RAM_SAVE_FLAG_EOS:
             self._pos = p + 8
-            self._state = _S_FOOTER
+            if self.version == 2:
+                if self.offset != self._v2_record_end:
+                    raise StreamError("v2 ram record: its length does not match its contents",
+                                      off)
+                self._state = _S_V2_TOP
+            else:
+                self._state = _S_FOOTER
             return RamEOS(off)
         if flags == F.RAM_SAVE_FLAG_MEM_SIZE:
             return self._mem_size(off, addr)

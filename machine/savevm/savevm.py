@@ -22,7 +22,7 @@ from ..vmstate import VMStateError
 from . import format as F
 from .records import (EOF, Configuration, DeviceState, End, Footer, Header, Parser, RamEOS,
                       RamMemSize, RamPage, RamXbzrle, RamZero, SectionHeader, StreamError,
-                      VMDesc)
+                      V2Record, VMDesc)
 from .ram import RamLoadState
 
 # One iterate round of a savevm runs at most this long (QEMU's MAX_WAIT in ram_save_iterate).
@@ -133,6 +133,46 @@ def save_stream(machine, w, trace=None, keep: list | None = None) -> int:
     return w.bytes_written
 
 
+def save_stream_v2(machine, f) -> int:
+    """The version 2 container (reference section 6) into a seekable binary file ``f``:
+    every handler's state as one record whose length is filled in afterwards, hence the seek.
+    No configuration, no section types, no footers, no vmdesc. Returns the size."""
+    import struct
+
+    from .stream import FdSink, StreamWriter
+
+    f.write(struct.pack(">IIQ", F.QEMU_VM_FILE_MAGIC, F.QEMU_VM_FILE_VERSION_COMPAT, 0))
+    stats = None
+    for se in machine.entries:
+        if not se.active:
+            continue
+        name = se.idstr.encode()
+        f.write(bytes([len(name)]) + name + struct.pack(">III", se.instance_id, se.version_id, 0))
+        start = f.tell()
+        if se.live is not None:
+            f.flush()
+            w = StreamWriter(FdSink(f.fileno()))
+            state = se.live()
+            state.save_all(w)
+            w.flush()
+            f.seek(0, 2)
+            stats = state.stats
+        else:
+            f.write(se.device.save())
+        length = f.tell() - start
+        if length >= 1 << 32:
+            raise ValueError(f"'{se.idstr}' does not fit a v2 record (lengths are 32-bit)")
+        f.seek(start - 4)
+        f.write(struct.pack(">I", length))
+        f.seek(0, 2)
+    total = f.tell() - 16
+    f.seek(8)
+    f.write(struct.pack(">Q", total))
+    f.seek(0, 2)
+    f.flush()
+    return total + 16, stats
+
+
 class Loader:
     """Checks (and with ``apply``, loads) a stream into ``machine``, record by record."""
 
@@ -146,7 +186,8 @@ class Loader:
         self.section: SectionHeader | None = None
         self.warning: str | None = None
         self.finished = False
-        self.parser = Parser(self.describe)
+        self.warnings: list[str] = []  # what the lax version 2 loader let through
+        self.parser = Parser(self.describe, self.describe_v2)
 
     def describe(self, idstr, instance_id, version_id):
         se = self.by_name.get((idstr, instance_id))
@@ -165,6 +206,24 @@ class Loader:
         if se.live is not None:
             return "ram", None
         return "device", se.device.vmsd.size(version_id)
+
+    def describe_v2(self, idstr, instance_id, version_id):
+        """The version 2 loader, lax on purpose (what version 3's strict checks replaced): an
+        unknown record is skipped with a warning, a newer version is loaded as if it were
+        ours."""
+        se = self.by_name.get((idstr, instance_id))
+        if se is None or not se.active:
+            note = f"savevm: unknown section '{idstr}' {instance_id} in a v2 stream: skipped"
+            self.warnings.append(note)
+            return ("skip", note)
+        if se.live is not None:
+            return ("ram", None)
+        vmsd = se.device.vmsd
+        use = min(max(version_id, vmsd.minimum_version_id), vmsd.version_id)
+        note = None
+        if use != version_id:
+            note = f"v2: '{idstr}' version {version_id} loaded as version {use}"
+        return ("device", vmsd.size(use), note, use)
 
     def feed(self, data):
         self.parser.feed(data)
@@ -207,6 +266,8 @@ class Loader:
                 self.trace("qemu_loadvm_state_section_partend", rec.section_id)
         elif t is RamMemSize:
             self.ram.mem_size(rec)
+        elif t is V2Record:
+            self.section = rec  # carries idstr and instance_id as a section header does
         elif t is DeviceState:
             se = self.by_name[(rec.idstr, self.section.instance_id)]
             try:

@@ -14,7 +14,7 @@ from . import INFO, CommandError, command
 
 
 @command("migrate", "detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
-         "migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD); -d returns at once")
+         "migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d returns at once")
 def migrate(session, uri, detach=False, blk=False, inc=False, resume=False):
     if blk or inc:
         raise CommandError("qmon has no disks: block migration (-b, -i) is not supported")
@@ -121,6 +121,10 @@ def migrate_set_parameter(session, parameter, value):
                                "than the target page size")
     elif parameter == "downtime-limit":
         n = _uint(parameter, value, 0, 2000000, " ms")
+    elif parameter == "x-stream-version":
+        if value not in ("2", "3"):
+            raise CommandError("Parameter 'x-stream-version' expects 2 or 3")
+        n = int(value)
     elif parameter == "throttle-trigger-threshold":
         n = _uint(parameter, value, 1, 100)
     else:
