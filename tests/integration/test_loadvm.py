@@ -93,8 +93,7 @@ def _mutations(m, data):
     return [
         ("magic", at(0, b"QEVN"), "Not a migration stream"),
         ("version", at(4, struct.pack(">I", 4)), "Unsupported migration stream version"),
-        ("v2", at(4, struct.pack(">I", 2)),
-         "SaveVM v2 format is obsolete and don't work anymore"),
+        ("version 1", at(4, struct.pack(">I", 1)), "Unsupported migration stream version"),
         ("config missing", at(8, b"\x04"), "Configuration section missing"),
         ("machine type", at(13, b"p" + b"x" * (len(m.config_name) - 1)),
          f"Machine type received is 'p{'x' * (len(m.config_name) - 1)}' and local is "
