@@ -135,6 +135,7 @@ class Counter(Workload):
                 self.laps += 1
                 if self.machine is not None:
                     self.machine.guest_print(f"counter: lap {self.laps} done")
+                    self.machine.guest_disk_log(self.laps, f"counter: lap {self.laps} done")
         if self.machine is not None:
             last = self.start + ((self.pos - 1) % self.npages) * PAGE
             self.machine.guest_registers(rax=mem[last], rbx=self.start + self.pos * PAGE,

@@ -318,20 +318,23 @@ def parse_arguments(cmd_name: str, specs: list[ArgSpec], text: str, memfmt: MemF
         elif kind == "/":
             args[spec.name] = _parse_format(t, memfmt or MemFormat())
         elif kind == "-":
+            # QEMU's rule: flags must come in the order args_type lists them; a flag that
+            # belongs to a later option is left for it, any other is an error.
             t.skip_spaces()
             present = False
-            if t.s.startswith("-", t.pos) and t.pos + 1 < len(t.s):
-                letter = t.s[t.pos + 1]
+            if t.peek() == "-":
+                letter = t.s[t.pos + 1: t.pos + 2]
+                later = [s.flag for s in specs[specs.index(spec) + 1:] if s.type == "-"]
                 if letter == spec.flag:
                     present = True
                     t.pos += 2
+                elif letter not in later or not letter:
+                    raise ArgError(f"{cmd_name}: unsupported option -{letter}")
             args[spec.name] = present
         else:
             raise ValueError(f"unknown args_type {kind}")
     t.skip_spaces()
     if not t.at_end():
-        if t.peek() == "-" and any(s.type == "-" for s in specs):
-            raise ArgError(f"{cmd_name}: unsupported option -{t.s[t.pos + 1: t.pos + 2]}")
         raise ArgError(f"{cmd_name}: extraneous characters at the end of line")
     return args
 

@@ -26,6 +26,9 @@ Options (QEMU's spellings):
   -snapshot-dir DIR  where snapshots live (default $QMON_SNAPSHOT_DIR, else
                      $XDG_DATA_HOME/qmon/snapshots, i.e. ~/.local/share/qmon/snapshots)
   -serial stdio|none where the guest's serial output goes (default none)
+  -drive file=PATH[,id=NAME]
+                     give the machine a disk (a raw file, a whole number of MiB) that the
+                     counter workload writes a log to; migrate -b sends it
   -incoming URI      wait in 'paused (inmigrate)' for a migration stream: tcp:HOST:PORT,
                      unix:PATH, exec:CMD (reads CMD's stdout), or defer (then
                      migrate_incoming URI); listeners bind 127.0.0.1 unless HOST says else
@@ -61,7 +64,8 @@ def parse_argv(argv: list[str]) -> dict:
 
     opts = {"ram": 128 << 20, "machine": "lab", "paused": False, "name": None,
             "workload": None, "mem_path": None, "snapshot_dir": None, "script": None,
-            "serial": "none", "action": None, "incoming": None, "trace": []}
+            "serial": "none", "action": None, "incoming": None, "trace": [],
+            "drive": None, "drive_id": "disk0"}
     i = 0
 
     def value(opt):
@@ -107,6 +111,17 @@ def parse_argv(argv: list[str]) -> dict:
             if v not in ("stdio", "none"):
                 raise UsageError(f"-serial {v}: qmon supports 'stdio' and 'none'")
             opts["serial"] = v
+        elif a == "-drive":
+            for item in value(a).split(","):
+                k, _, v = item.partition("=")
+                if k == "file":
+                    opts["drive"] = v
+                elif k == "id":
+                    opts["drive_id"] = v
+                elif k not in ("if", "format", "media", "cache"):
+                    raise UsageError(f"-drive: unknown option '{k}'")
+            if not opts["drive"]:
+                raise UsageError("-drive: needs file=PATH")
         elif a == "-trace":
             v = value(a)
             opts["trace"].append(v[7:] if v.startswith("enable=") else v)
@@ -175,15 +190,20 @@ def main(argv: list[str] | None = None) -> int:
 def _run(opts) -> int:
     from machine.machine import Machine
     from machine.snapshots import SnapshotStore
+    from machine.disk import DiskError
     from machine.workloads import WorkloadError
 
     from .session import Session
 
     try:
         machine = Machine(opts["machine"], opts["ram"], opts["mem_path"], opts["workload"],
-                          opts["name"], serial_stdio=opts["serial"] == "stdio")
+                          opts["name"], serial_stdio=opts["serial"] == "stdio",
+                          drive=opts["drive"], drive_id=opts["drive_id"])
     except WorkloadError as e:
         print(f"qmon: -workload: {e}", file=sys.stderr)
+        return 1
+    except DiskError as e:
+        print(f"qmon: -drive: {e}", file=sys.stderr)
         return 1
     except (OSError, ValueError, OverflowError, MemoryError) as e:
         what = f"-mem-path {opts['mem_path']}" if opts["mem_path"] else f"-m {opts['ram']}"

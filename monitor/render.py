@@ -171,6 +171,10 @@ def migrate_info(machine) -> list[str]:
             lines.append(f"precopy ram: {st.precopy_bytes >> 10} kbytes")
         if st.downtime_bytes:
             lines.append(f"downtime ram: {st.downtime_bytes >> 10} kbytes")
+        if st.disk is not None and st.status != "completed":
+            lines += [f"transferred disk: {st.disk['transferred'] >> 10} kbytes",
+                      f"remaining disk: {st.disk['remaining'] >> 10} kbytes",
+                      f"total disk: {st.disk['total'] >> 10} kbytes"]
         if st.xbzrle is not None:
             x = st.xbzrle
             lines += [

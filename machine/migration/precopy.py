@@ -30,7 +30,8 @@ STALL_TIMEOUT_S = float(os.environ.get("QMON_MIGRATION_STALL_TIMEOUT", "30"))
 
 
 class OutgoingMigration:
-    def __init__(self, machine, uri: str, params: dict, caps: dict, state: S.MigrationState):
+    def __init__(self, machine, uri: str, params: dict, caps: dict, state: S.MigrationState,
+                 blk: bool = False):
         self.machine = machine
         self.uri = uri
         # Parameters are read live (a user relaxes downtime-limit mid-migration); capabilities
@@ -41,6 +42,8 @@ class OutgoingMigration:
         self.sink: ThreadedSink | None = None
         self.out: OutgoingStream | None = None
         self.ram = None
+        self.blk = None  # the block section's state with migrate -b
+        self.with_block = blk
         self.vm_was_running = False
         self.stopped_guest = False
         self.continue_requested = False
@@ -103,9 +106,13 @@ class OutgoingMigration:
             return True
         self.sink = ThreadedSink(self._connected)
         w = StreamWriter(self.sink)
-        self.out = OutgoingStream(self.machine, w, self.machine.trace)
+        self.out = OutgoingStream(self.machine, w, self.machine.trace,
+                                  opt_in=("block",) if self.with_block else ())
         xb = self.params["xbzrle-cache-size"] if self.caps.get("xbzrle") else None
-        for _, live in self.out.live:
+        for se, live in self.out.live:
+            if se.idstr == "block":
+                self.blk = live
+                continue
             if xb:
                 live.enable_xbzrle(xb)
             self.ram = live
@@ -141,10 +148,10 @@ class OutgoingMigration:
         sent_in_window = out.w.bytes_written - self._window_bytes0
         if sent_in_window >= window_budget or self.sink.full:
             return True  # rate limited (or the wire is behind): wait for the next window
-        pending = ram.pending_pages() * 4096
+        pending = self._pending()
         if pending < self._threshold:
             self._sync(now)
-            pending = ram.pending_pages() * 4096
+            pending = self._pending()
         st.remaining = pending
         if pending and pending >= self._threshold:
             budget = int(min(STEP_MAX_BYTES, window_budget - sent_in_window))
@@ -161,10 +168,18 @@ class OutgoingMigration:
         self._complete()
         return True
 
+    def _pending(self) -> int:
+        pending = self.ram.pending_pages() * 4096
+        if self.blk is not None:
+            pending += self.blk.pending_bytes()
+        return pending
+
     def _sync(self, now):
         """A dirty sync: ends a pass, feeds the dirty rate and auto-converge."""
         ram, st = self.ram, self.st
         ram.sync()
+        if self.blk is not None:
+            self.blk.sync()
         st.dirty_sync_count = ram.stats.dirty_sync_count
         p = self._pass
         p.duration_ms = now - p.start_ms
@@ -241,6 +256,10 @@ class OutgoingMigration:
         st.normal = s.normal_pages
         st.dirty_sync_count = s.dirty_sync_count
         st.remaining = self.ram.pending_pages() * 4096
+        if self.blk is not None:
+            d = self.machine.disk
+            st.disk = {"transferred": self.blk.stats.bytes,
+                       "remaining": self.blk.pending_bytes(), "total": d.size}
         if self.ram.xbzrle is not None:
             miss_rate = s.xbzrle_cache_miss / max(1, self._pages_total())
             enc_rate = (s.xbzrle_encoded_input / s.xbzrle_bytes) if s.xbzrle_bytes else 0.0

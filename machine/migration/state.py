@@ -85,6 +85,7 @@ class MigrationState:
     normal: int = 0
     dirty_sync_count: int = 0
     xbzrle: dict | None = None
+    disk: dict | None = None  # block migration (migrate -b): transferred, remaining, total
     throttle_pct: int = 0
     passes: list = field(default_factory=list)
     current_pass: PassRecord | None = None  # the pass under way, for info migrate_passes

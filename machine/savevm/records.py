@@ -110,6 +110,27 @@ class RamEOS:
 
 
 @dataclass(slots=True)
+class BlockChunk:
+    """One 1 MiB chunk of a disk in the "block" section; ``data`` None for a zero chunk."""
+
+    offset: int
+    device: str
+    sector: int
+    data: bytes | None
+
+
+@dataclass(slots=True)
+class BlockProgress:
+    offset: int
+    percent: int
+
+
+@dataclass(slots=True)
+class BlockEOS:
+    offset: int
+
+
+@dataclass(slots=True)
 class DeviceState:
     offset: int
     idstr: str
@@ -168,7 +189,10 @@ class _Section:
 
 # Parser states.
 (_S_HEADER, _S_CONFIG, _S_TOP, _S_RAM, _S_DEVICE, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE,
- _S_V2_TOP, _S_V2_SKIP) = range(11)
+ _S_V2_TOP, _S_V2_SKIP, _S_BLOCK) = range(12)
+
+_BLOCK_CHUNK = 1 << 20
+MAX_BLOCK_RECORDS_NAME = 255
 
 _RAM_KIND_FLAGS = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_XBZRLE
 
@@ -232,6 +256,8 @@ class Parser:
             return self._footer()
         if state == _S_DEVICE:
             return self._device()
+        if state == _S_BLOCK:
+            return self._block_record()
         if state == _S_V2_TOP:
             return self._v2_top()
         if state == _S_V2_SKIP:
@@ -403,8 +429,36 @@ class Parser:
             raise StreamError(f"Unknown savevm section type {t}", off)
         self._current = sec
         self._current_id = sid
-        self._state = _S_RAM if sec.kind == "ram" else _S_DEVICE
+        self._state = {"ram": _S_RAM, "block": _S_BLOCK}.get(sec.kind, _S_DEVICE)
         return SectionHeader(off, t, sid, sec.idstr, sec.instance_id, sec.version_id, sec.kind)
+
+    def _block_record(self):
+        """QEMU's block migration records: be64 (sector << 9 | flags), see savevm/block.py."""
+        if not self._have(8):
+            return None
+        buf, p, off = self._buf, self._pos, self.offset
+        (word,) = _BE64.unpack_from(buf, p)
+        flags, sector = word & 0x1FF, word >> 9
+        if flags == 0x02:  # EOS
+            self._pos = p + 8
+            self._state = _S_FOOTER
+            return BlockEOS(off)
+        if flags == 0x04:  # PROGRESS
+            self._pos = p + 8
+            return BlockProgress(off, sector)
+        if flags & 0x01 and not flags & ~0x09:  # DEVICE_BLOCK, maybe ZERO_BLOCK
+            if not self._have(9):
+                return None
+            n = buf[p + 8]
+            zero = bool(flags & 0x08)
+            end = p + 9 + n + (0 if zero else _BLOCK_CHUNK)
+            if not self._have(end - p):
+                return None
+            name = bytes(buf[p + 9: p + 9 + n]).decode("latin-1")
+            data = None if zero else bytes(buf[p + 9 + n: end])
+            self._pos = end
+            return BlockChunk(off, name, sector, data)
+        raise StreamError(f"Unknown block migration flags: 0x{flags:x}", off)
 
     def _device(self):
         sec = self._current

@@ -16,6 +16,9 @@ class SaveStateEntry:
     # Handlers QEMU registers that write nothing in a plain savevm (block, dirty-bitmap); they
     # still take a section_id, which keeps ram at id 2 as in QEMU.
     active: bool = True
+    # A live section sent only when a migration asks for it (block, with migrate -b).
+    opt_in: bool = False
+    kind: str = "ram"  # what the parser reads in a live section's payload
 
     @property
     def minimum_version_id(self) -> int:
@@ -25,7 +28,8 @@ class SaveStateEntry:
 
 
 def register(entries: list, idstr: str, version_id: int, *, live=None, device=None,
-             active=True, instance_id: int = 0) -> SaveStateEntry:
-    se = SaveStateEntry(idstr, instance_id, version_id, len(entries), live, device, active)
+             active=True, instance_id: int = 0, opt_in=False, kind="ram") -> SaveStateEntry:
+    se = SaveStateEntry(idstr, instance_id, version_id, len(entries), live, device, active,
+                        opt_in, kind)
     entries.append(se)
     return se

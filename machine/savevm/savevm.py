@@ -22,7 +22,8 @@ from ..vmstate import VMStateError
 from . import format as F
 from .records import (EOF, Configuration, DeviceState, End, Footer, Header, Parser, RamEOS,
                       RamMemSize, RamPage, RamXbzrle, RamZero, SectionHeader, StreamError,
-                      V2Record, VMDesc)
+                      V2Record, VMDesc, BlockChunk)
+from .block import BlockLoadState
 from .ram import RamLoadState
 
 # One iterate round of a savevm runs at most this long (QEMU's MAX_WAIT in ram_save_iterate).
@@ -46,10 +47,12 @@ def _section_footer(w, se):
 class OutgoingStream:
     """One outgoing stream of ``machine``'s state into writer ``w``."""
 
-    def __init__(self, machine, w, trace=None):
+    def __init__(self, machine, w, trace=None, opt_in=()):
+        """``opt_in``: idstrs of opt-in live sections to send too ("block" for migrate -b)."""
         self.machine = machine
         self.w = w
-        self.entries = [se for se in machine.entries if se.active]
+        self.entries = [se for se in machine.entries
+                        if se.active and (not se.opt_in or se.idstr in opt_in)]
         # Each live handler keeps per-stream state (its dirty bitmap, its cursor).
         self.live = [(se, se.live()) for se in self.entries if se.live is not None]
         self.trace = trace or (lambda name, *args: None)
@@ -182,6 +185,7 @@ class Loader:
         self.trace = trace or (lambda name, *args: None)
         self.by_name = {(se.idstr, se.instance_id): se for se in machine.entries}
         self.ram = RamLoadState(machine.ram)
+        self.block = BlockLoadState(machine.disk)
         self.staged: dict[str, dict] = {}  # idstr -> decoded device values
         self.section: SectionHeader | None = None
         self.warning: str | None = None
@@ -204,7 +208,7 @@ class Loader:
             raise StreamError(f"{name}: incoming version_id {version_id} is too old for local "
                               f"minimum version_id  {se.minimum_version_id}", self.parser.offset)
         if se.live is not None:
-            return "ram", None
+            return se.kind, None
         return "device", se.device.vmsd.size(version_id)
 
     def describe_v2(self, idstr, instance_id, version_id):
@@ -251,6 +255,8 @@ class Loader:
                 ram.zero(rec, apply)
             elif t is RamXbzrle:
                 ram.xbzrle(rec, apply)
+            elif t is BlockChunk:
+                self.block.chunk(rec, apply)
             else:
                 self._record(rec)
 

@@ -14,14 +14,15 @@ from . import INFO, CommandError, command
 
 
 @command("migrate", "detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
-         "migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d returns at once")
+         "migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d returns at "
+         "once, -b sends the disk too")
 def migrate(session, uri, detach=False, blk=False, inc=False, resume=False):
-    if blk or inc:
-        raise CommandError("qmon has no disks: block migration (-b, -i) is not supported")
+    if inc:
+        raise CommandError("qmon has no incremental block migration (-i): use -b")
     if resume:
         raise CommandError("qmon has no postcopy: there is no paused migration to resume")
     m = session.machine
-    m.run(m.migrate, uri)
+    m.run(m.migrate, uri, blk)
     if detach:
         return
     progress = _Progress()

@@ -125,3 +125,48 @@ def test_version_2_is_lax_where_version_3_is_strict(qmon_proc, tmp_path):
                     f"file:{tmp_path / 'odd.stream'}", "-snapshot-dir", str(tmp_path / "s"))
     odd.wait_for("info status", lambda o: o[-1] == "VM status: paused")
     assert "savevm: unknown section 'sexial' 0 in a v2 stream: skipped" in odd.seen
+
+
+def test_block_migration_interleaves_with_ram_and_the_disk_arrives(qmon_proc, tmp_path):
+    import os
+
+    from machine.machine import Machine
+    from machine.savevm.records import SectionHeader, parse_bytes
+    from machine.savevm.savevm import Loader
+
+    src_disk, dst_disk = tmp_path / "src.img", tmp_path / "dst.img"
+    src_disk.write_bytes(os.urandom(8 << 20))
+    dst_disk.write_bytes(bytes(8 << 20))
+    snaps = str(tmp_path / "s")
+    port = free_port()
+    dst = qmon_proc("-m", "8M", "-S", "-drive", f"file={dst_disk}", "-incoming",
+                    f"tcp:127.0.0.1:{port}", "-mem-path", str(tmp_path / "dst.ram"),
+                    "-snapshot-dir", snaps)
+    dst.cmd("info status")
+    src = qmon_proc("-m", "8M", "-drive", f"file={src_disk}", "-workload", "counter,speed=2000",
+                    "-mem-path", str(tmp_path / "src.ram"), "-snapshot-dir", snaps)
+    assert src.cmd("migrate -b -d tcp:1:1") == ["migrate: unsupported option -d",
+                                                'Try "help migrate" for more information']
+    src.cmd("migrate_set_parameter max-bandwidth 8M")
+    src.cmd(f"migrate -d -b tcp:127.0.0.1:{port}")
+    info = src.wait_for("info migrate", lambda o: any(l.startswith("transferred disk: ")
+                                                      for l in o))
+    assert [l.split(":")[0] for l in info if "disk" in l] == [
+        "transferred disk", "remaining disk", "total disk"]
+    assert "total disk: 8192 kbytes" in info
+    src.cmd("migrate_set_parameter max-bandwidth 1G")
+    src.wait_for("info migrate", lambda o: "Migration status: completed" in o)
+    dst.wait_for("info status", lambda o: o == ["VM status: paused"])
+    assert dst_disk.read_bytes() == src_disk.read_bytes()
+    assert (tmp_path / "dst.ram").read_bytes() == (tmp_path / "src.ram").read_bytes()
+    assert dst.cmd("info workload")[-1] == "invariant: ok"
+
+    # The same migration into a file: its PART sections alternate between block and ram.
+    stream = tmp_path / "b.stream"
+    src2 = qmon_proc("-m", "4M", "-drive", f"file={src_disk}", "-snapshot-dir", snaps)
+    src2.cmd("migrate_set_parameter max-bandwidth 16M")
+    src2.cmd(f'migrate -b "exec:cat > {stream}"')
+    m = Machine("lab", 4 << 20, drive=str(dst_disk))
+    parts = [r.idstr for r in parse_bytes(stream.read_bytes(), Loader(m, False).describe)
+             if isinstance(r, SectionHeader) and r.type_name == "PART"]
+    assert parts[:4] == ["block", "ram", "block", "ram"]
