@@ -217,10 +217,22 @@ def _run(opts) -> int:
         return 1
 
     lock = threading.Lock()
+    closed = []
 
     def out(text: str):
+        # A reader that went away (qmon ... | head) must not stop the machine mid-command:
+        # the rest of the output is dropped.
+        if closed:
+            return
         with lock:
-            print(text, flush=True)
+            try:
+                print(text, flush=True)
+            except BrokenPipeError:
+                closed.append(True)
+                try:
+                    sys.stdout = open(os.devnull, "w")
+                except OSError:
+                    pass
 
     machine.output = out
 

@@ -251,6 +251,12 @@ class OutgoingMigration:
 
     def _count(self):
         st, s = self.st, self.ram.stats
+        p = self._pass
+        if p is not None:  # the pass under way, as far as it got
+            pages0, zero0 = self._pass_stats0
+            p.pages = self._pages_total() - pages0
+            p.zero_pages = s.zero_pages - zero0
+            p.bandwidth = self._bandwidth
         st.transferred = s.bytes
         st.duplicate = s.zero_pages
         st.normal = s.normal_pages
