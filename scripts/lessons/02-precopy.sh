@@ -25,8 +25,9 @@ say "The same guest at 12 MB/s with auto-converge: throttled until the rest fits
 PORT=$((PORT + 1))
 dest 18 2
 feed "migrate_set_capability auto-converge on" "migrate_set_parameter max-bandwidth 8M" \
-     "migrate_set_parameter downtime-limit 100" "sleep 2" "migrate -d tcp:127.0.0.1:$PORT" "sleep 4" \
-     "info migrate" "sleep 10" "info migrate" "info migrate_passes" "info status" |
+     "migrate_set_parameter downtime-limit 100" "sleep 2" "migrate -d tcp:127.0.0.1:$PORT" \
+     "sleep 3" "info migrate" "sleep 2" "info migrate" "sleep 2" "info migrate" "sleep 7" \
+     "info migrate" "info migrate_passes" "info status" |
   $QMON -m 16M -workload dirty,rate=12M,wss=8M -snapshot-dir "$SNAPS" |
   grep -E '^\(qemu\)|^Migration status|^cpu throttle|^dirty sync count|^downtime:|^ *[0-9]+ \||^VM status'
 wait || true
