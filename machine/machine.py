@@ -236,7 +236,11 @@ class Machine:
                 self.workload.tick(now - last_tick)
             last_tick = now
             for job in list(self.jobs):
-                if not job.step():
+                try:
+                    keep = job.step()
+                except Exception:  # a job must never take the machine thread down
+                    keep = False
+                if not keep:
                     self.jobs.remove(job)
             if now - last_notify >= NOTIFY_S:
                 last_notify = now
@@ -268,6 +272,8 @@ class Machine:
         if self.runstate == RunState.INMIGRATE:
             self.autostart = True  # the incoming side starts the guest once loaded
             return
+        if self.runstate == RunState.FINISH_MIGRATE:
+            raise MachineError("Migration is not finalized yet")
         self.vm_start()
 
     def system_reset(self):
@@ -397,6 +403,8 @@ class Machine:
         inc.start()
 
     def migrate_incoming(self, uri: str):
+        if self.runstate != RunState.INMIGRATE:
+            raise MachineError("'-incoming' was not specified on the command line")
         if not self.incoming_deferred:
             raise MachineError("For use with '-incoming defer'")
         if self.incoming is not None:
@@ -445,6 +453,9 @@ class Machine:
         from .savevm.stream import FdSink, StreamWriter
         from .snapshots import truncate_tag
 
+        if self.migration_active():
+            # A snapshot would reset the dirty log the migration depends on.
+            raise MachineError("There's a migration process in progress")
         if tag is None:
             tag = time.strftime("vm-%Y%m%d%H%M%S")
         tag = truncate_tag(tag)
@@ -485,6 +496,8 @@ class Machine:
         from .savevm.records import StreamError
         from .savevm.savevm import ApplyError, check_then_load
 
+        if self.migration_active():
+            raise MachineError("There's a migration process in progress")
         was_running = self.is_running()
         self.vm_stop(RunState.RESTORE_VM)
         info = store.find(tag)

@@ -88,6 +88,18 @@ class ExecSink:
             pass
         self.proc.wait()
 
+    def abort(self):
+        """Cancelled: the command must not keep the monitor waiting for it to finish."""
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        threading.Thread(target=self.proc.wait, daemon=True).start()
+
 
 class FileSink:
     """``file:PATH`` (qmon's; QEMU 7.2 has none): a seekable target, which version 2 needs."""
@@ -147,7 +159,7 @@ class ThreadedSink:
     thread is raised from the next ``writev`` or from ``close``.
     """
 
-    def __init__(self, sink, max_queued: int = 64 << 20):
+    def __init__(self, sink, max_queued: int = 16 << 20):
         self.sink = sink
         self.max_queued = max_queued
         self.queued = 0
@@ -198,12 +210,13 @@ class ThreadedSink:
         self.sink.close()
 
     def abort(self):
-        """Stop at once: later batches are dropped and the channel is closed."""
+        """Stop at once: later batches are dropped, the channel is closed, the writer ends."""
         self.error = self.error or ChannelError("cancelled")
         try:
-            self.sink.close()
+            (getattr(self.sink, "abort", None) or self.sink.close)()
         except OSError:
             pass
+        self._q.put(None)
 
 
 # Incoming -------------------------------------------------------------------------------------

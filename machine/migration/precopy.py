@@ -49,8 +49,7 @@ class OutgoingMigration:
         self.continue_requested = False
         self._connected = None  # the channel, once the connect thread has one
         self._connect_error: str | None = None
-        self._stall_since: float | None = None
-        self._last_sent = 0
+        self.phase = "setup"  # setup, iterate, switchover-wait, draining
 
     # Lifecycle -----------------------------------------------------------------------------------
     def start(self):
@@ -63,12 +62,21 @@ class OutgoingMigration:
 
     def _connect(self):
         try:
-            self._connected = connect(self.uri, timeout=STALL_TIMEOUT_S)
+            conn = connect(self.uri, timeout=STALL_TIMEOUT_S)
         except ChannelError as e:
             self._connect_error = str(e)
+            return
+        if self.st.status in S.FINISHED:
+            conn.close()  # cancelled while connecting: the peer must not get a stream
+        else:
+            self._connected = conn
 
     def cancel(self):
         if self.st.status in S.FINISHED:
+            return
+        if self.phase == "draining" and self.sink is not None and self.sink.queued == 0:
+            # Every byte, device state included, is already on its way: the destination will
+            # run, so the source must not. Too late to cancel; it completes.
             return
         self.st.status = S.CANCELLING
         self._finish(S.CANCELLED, None)
@@ -77,24 +85,24 @@ class OutgoingMigration:
         """One bounded step; False once the migration has ended."""
         st = self.st
         try:
-            if st.status == S.SETUP:
+            if self.phase == "setup":
                 return self._setup()
-            if st.status == S.ACTIVE:
+            if self.phase == "iterate":
                 return self._iterate()
-            if st.status == S.PRE_SWITCHOVER:
+            if self.phase == "switchover-wait":
                 if self.continue_requested:
                     st.status = S.DEVICE
                     self.machine.emit_migration_status(S.DEVICE)
                     self._send_rest()
                 return True
-            if st.status == S.DEVICE:
+            if self.phase == "draining":
                 return self._wait_drained()
         except ChannelError as e:
             self._finish(S.FAILED, str(e))
         except OSError as e:
             self._finish(S.FAILED, f"Unable to write to socket: {e.strerror or e}")
-        except TimeoutError as e:
-            self._finish(S.FAILED, str(e))
+        except Exception as e:  # a bug of ours: the source keeps running, the user is told
+            self._finish(S.FAILED, f"internal error: {type(e).__name__}: {e}")
         return st.status not in S.FINISHED
 
     # Setup --------------------------------------------------------------------------------------
@@ -122,8 +130,12 @@ class OutgoingMigration:
         st = self.st
         st.setup_ms = S.now_ms() - st.start_ms
         st.status = S.ACTIVE
+        self.phase = "iterate"
+        # QEMU shows the limit as the expected downtime until it has measured a dirty rate.
+        st.expected_downtime_ms = self.params["downtime-limit"]
         self._window_start = S.now_ms()
-        self._window_bytes0 = self.out.w.bytes_written
+        self._window_bytes0 = self.sink.sent
+        self._window_written0 = self.out.w.bytes_written
         self._window_pages0 = 0
         self._threshold = 0.0
         self._bandwidth = 0.0
@@ -132,6 +144,8 @@ class OutgoingMigration:
         self._dirty_high = 0
         self._pass = st.current_pass = S.PassRecord(1, S.now_ms())
         self._pass_stats0 = (0, 0)
+        if self.caps.get("events"):
+            self.machine.emit_event("MIGRATION_PASS", {"pass": 1})
         self.machine.emit_migration_status(S.ACTIVE)
         return True
 
@@ -140,19 +154,18 @@ class OutgoingMigration:
         st, out, ram = self.st, self.out, self.ram
         if self.sink.error is not None:
             raise self.sink.error
-        if self._stalled():
-            return True
         now = S.now_ms()
         self._update_counters(now)
-        window_budget = self.params["max-bandwidth"] * BUFFER_DELAY_MS / 1000
-        sent_in_window = out.w.bytes_written - self._window_bytes0
+        limit = self.params["max-bandwidth"]
+        window_budget = limit * BUFFER_DELAY_MS / 1000 if limit else float("inf")
+        sent_in_window = out.w.bytes_written - self._window_written0
         if sent_in_window >= window_budget or self.sink.full:
             return True  # rate limited (or the wire is behind): wait for the next window
         pending = self._pending()
         if pending < self._threshold:
             self._sync(now)
             pending = self._pending()
-        st.remaining = pending
+        st.remaining = ram.pending_pages() * 4096
         if pending and pending >= self._threshold:
             budget = int(min(STEP_MAX_BYTES, window_budget - sent_in_window))
             before = ram.stats.bytes
@@ -169,7 +182,9 @@ class OutgoingMigration:
         return True
 
     def _pending(self) -> int:
-        pending = self.ram.pending_pages() * 4096
+        """What is left to send: dirty pages, dirty disk chunks, and what the writer thread
+        still holds (it all has to go before the destination can run)."""
+        pending = self.ram.pending_pages() * 4096 + self.sink.queued
         if self.blk is not None:
             pending += self.blk.pending_bytes()
         return pending
@@ -189,8 +204,9 @@ class OutgoingMigration:
         p.dirtied = ram.stats.dirtied_last_sync
         p.bandwidth = self._bandwidth
         p.pending_bytes = ram.pending_pages() * 4096
-        # What stopping now would cost: the dirty bytes at this sync over the bandwidth.
-        if self._bandwidth:
+        # QEMU's rule: once a dirty rate was measured, the expected downtime is what the last
+        # sync left over the bandwidth.
+        if st.dirty_pages_rate and st.transferred > 10000 and self._bandwidth:
             st.expected_downtime_ms = p.pending_bytes / self._bandwidth
         p.expected_downtime_ms = st.expected_downtime_ms
         st.passes.append(p)
@@ -233,16 +249,17 @@ class OutgoingMigration:
         if spent < BUFFER_DELAY_MS:
             return
         out, st = self.out, self.st
-        transferred = out.w.bytes_written - self._window_bytes0
+        # Bandwidth is what reached the wire, not what was queued for it.
+        transferred = self.sink.sent - self._window_bytes0
         pages = self._pages_total() - self._window_pages0
         bandwidth = transferred / spent  # bytes/ms
         self._bandwidth = bandwidth
         self._threshold = bandwidth * self.params["downtime-limit"]
         st.mbps = transferred * 8 / (spent / 1000) / 1e6
         st.pages_per_second = pages / (spent / 1000)
-        st.expected_downtime_ms = (st.remaining / bandwidth) if bandwidth else 0.0
         self._window_start = now
-        self._window_bytes0 = out.w.bytes_written
+        self._window_bytes0 = self.sink.sent
+        self._window_written0 = out.w.bytes_written
         self._window_pages0 = self._pages_total()
 
     def _pages_total(self):
@@ -274,19 +291,6 @@ class OutgoingMigration:
                          "cache-miss-rate": miss_rate, "encoding-rate": enc_rate,
                          "overflow": s.xbzrle_overflow}
 
-    def _stalled(self) -> bool:
-        """True while the writer has not moved for a while; raises once that is too long."""
-        sent = self.sink.sent
-        if sent != self._last_sent or self.sink.queued == 0:
-            self._last_sent = sent
-            self._stall_since = None
-            return False
-        if self._stall_since is None:
-            self._stall_since = time.monotonic()
-        if time.monotonic() - self._stall_since > STALL_TIMEOUT_S:
-            raise TimeoutError("Unable to write to socket: Connection timed out")
-        return self.sink.full
-
     # Completion ---------------------------------------------------------------------------------
     def _complete(self):
         m, st = self.machine, self.st
@@ -301,15 +305,17 @@ class OutgoingMigration:
         self.stopped_guest = True
         if self.caps.get("pause-before-switchover"):
             st.status = S.PRE_SWITCHOVER
+            self.phase = "switchover-wait"
             m.emit_migration_status(S.PRE_SWITCHOVER)
             return
-        st.status = S.DEVICE
-        m.emit_migration_status(S.DEVICE)
-        self._send_rest()
+        self._send_rest()  # QEMU stays 'active' through the final stage
 
     def _send_rest(self):
+        self.phase = "draining"
         self.out.complete()
         self.out.cleanup()
+        if self.caps.get("events"):
+            self.machine.emit_event("MIGRATION_PASS", {"pass": self.ram.stats.dirty_sync_count})
         self._count()
         self.st.downtime_bytes += self.ram.stats.bytes - self._bytes_at_stop
         self._sync_pass_end()
@@ -329,7 +335,6 @@ class OutgoingMigration:
         if self.sink.error is not None:
             raise self.sink.error
         if self.sink.queued:
-            self._stalled()
             return True
         self.sink.drain(STALL_TIMEOUT_S)
         self.sink.close()
@@ -338,6 +343,7 @@ class OutgoingMigration:
 
     def _finish(self, status: str, error: str | None):
         m, st = self.machine, self.st
+        self.phase = "done"
         if self.sink is not None and status != S.COMPLETED:
             self.sink.abort()
         elif self._connected is not None and self.sink is None:

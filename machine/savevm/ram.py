@@ -137,18 +137,20 @@ class RamSaveState:
             w.put_counted(blk.idstr.encode())
             self.last_sent_block = blk
 
-    def _xbzrle_page(self, w, page, off) -> bool:
+    def _xbzrle_page(self, w, page, off):
         """QEMU's save_xbzrle_page(): True when the page is dealt with (sent encoded, or
-        unchanged and skipped), False when it must go as a normal page."""
+        unchanged and skipped); otherwise the bytes to send as a normal page. Those are the
+        copy now in the cache, as in QEMU: the guest may change RAM before the page goes out,
+        and the next delta must apply to exactly what the destination received."""
         cache, st = self.xbzrle, self.stats
         mem = self.block.mem
+        current = mem[off:off + PAGE]
         slot = cache.lookup(page)
         if slot is None:
             st.xbzrle_cache_miss += 1
             if not self.last_stage:
-                cache.insert(page, mem[off:off + PAGE])
-            return False
-        current = mem[off:off + PAGE]
+                cache.insert(page, current)
+            return current
         old = cache.data[slot * PAGE:(slot + 1) * PAGE]
         enc = xbzrle.encode(old, current)
         st.xbzrle_encoded_input += PAGE
@@ -159,7 +161,7 @@ class RamSaveState:
         if enc is None:
             st.xbzrle_overflow += 1
             st.xbzrle_bytes += PAGE
-            return False
+            return current
         before = w.bytes_written
         self._header(w, off, F.RAM_SAVE_FLAG_XBZRLE)
         w.put_u8(F.ENCODING_FLAG_XBZRLE)
@@ -216,10 +218,17 @@ class RamSaveState:
                         self._header(w, off, F.RAM_SAVE_FLAG_ZERO)
                         w.put_u8(0)
                         zero_n += 1
-                    elif not (xb and self._xbzrle_page(w, page, off)):
-                        self._header(w, off, F.RAM_SAVE_FLAG_PAGE)
-                        put_ref(mv[off:off + PAGE])
-                        normal_n += 1
+                        if xb and not self.last_stage:
+                            # QEMU's xbzrle_cache_zero_page(): the cache must know it is zero
+                            slot = self.xbzrle.lookup(page)
+                            if slot is not None:
+                                self.xbzrle.data[slot * PAGE:(slot + 1) * PAGE] = _ZERO
+                    else:
+                        done = self._xbzrle_page(w, page, off) if xb else None
+                        if done is not True:
+                            self._header(w, off, F.RAM_SAVE_FLAG_PAGE)
+                            put_ref(mv[off:off + PAGE] if done is None else done)
+                            normal_n += 1
                     bm[page] = 0
                     checked += 1
                     if checked % _TIME_CHECK_PAGES == 0:

@@ -92,45 +92,69 @@ def migrate_continue(session, state):
     m.run(m.migrate_continue, state)
 
 
-def _uint(name, value, lo, hi, unit=""):
-    try:
-        n = int(value, 0)
-    except ValueError:
-        raise CommandError(f"Parameter '{name}' expects a uint64 value") from None
-    if not lo <= n <= hi:
-        raise CommandError(f"Parameter '{name.replace('-', '_')}' expects an integer in the "
-                           f"range of {lo} to {hi}{unit}")
+_RANGES = {  # QEMU's migrate_params_check(), with its underscore names and words
+    "throttle-trigger-threshold": (1, 100, "1 to 100"),
+    "cpu-throttle-initial": (1, 99, "1 to 99"),
+    "cpu-throttle-increment": (1, 99, "1 to 99"),
+}
+
+
+def check_parameter(name: str, n: int, params: dict) -> int:
+    """QEMU's checks of one migration parameter value (shared by HMP and QMP)."""
+    under = name.replace("-", "_")
+    if name == "downtime-limit" and n > 2000 * 1000:
+        raise CommandError(f"Parameter '{under}' expects an integer in the range of 0 to "
+                           "(2000 * 1000) ms")
+    if name == "xbzrle-cache-size" and (n < 4096 or n & (n - 1)):
+        raise CommandError(f"Parameter '{under}' expects a power of two no less than the "
+                           "target page size")
+    if name in _RANGES:
+        lo, hi, words = _RANGES[name]
+        if not lo <= n <= hi:
+            raise CommandError(f"Parameter '{under}' expects an integer in the range of {words}")
+    if name == "max-cpu-throttle" and not params["cpu-throttle-initial"] <= n <= 99:
+        raise CommandError(f"Parameter '{under}' expects an integer in the range of "
+                           "cpu_throttle_initial to 99")
+    if name == "x-stream-version" and n not in (2, 3):
+        raise CommandError("Parameter 'x-stream-version' expects 2 or 3")
     return n
 
 
-@command("migrate_set_parameter", "parameter:s,value:s", "parameter value",
-         "set a migration parameter (sizes: a bare number is MiB)")
-def migrate_set_parameter(session, parameter, value):
-    if parameter not in S.PARAMETER_DEFAULTS:
-        if parameter in S.ALL_PARAMETERS:
-            raise CommandError(f"qmon does not implement the migration parameter '{parameter}'")
-        raise CommandError(f"invalid parameter value: {parameter}")
-    if parameter in S.SIZE_PARAMETERS:
+def _hmp_value(name: str, value: str) -> int:
+    """A value as HMP reads it: sizes for the byte-valued ones (max-bandwidth defaults to
+    MiB, the others to bytes), small integers for the percentages."""
+    if name == "max-bandwidth":
         try:
             n = parse_size(value, default_suffix="M")
         except ValueError:
             raise CommandError(f"Invalid size {value}") from None
         if n >= 1 << 63:
             raise CommandError(f"Invalid size {value}")
-        if parameter == "xbzrle-cache-size" and (n < 4096 or n & (n - 1)):
-            raise CommandError("Parameter 'xbzrle_cache_size' expects a power of two no less "
-                               "than the target page size")
-    elif parameter == "downtime-limit":
-        n = _uint(parameter, value, 0, 2000000, " ms")
-    elif parameter == "x-stream-version":
-        if value not in ("2", "3"):
-            raise CommandError("Parameter 'x-stream-version' expects 2 or 3")
-        n = int(value)
-    elif parameter == "throttle-trigger-threshold":
-        n = _uint(parameter, value, 1, 100)
-    else:
-        n = _uint(parameter, value, 1, 99)
+        return n
+    if name in ("downtime-limit", "xbzrle-cache-size"):
+        try:
+            return parse_size(value)
+        except ValueError:
+            raise CommandError(f"Parameter '{name}' expects a non-negative number below "
+                               "2^64") from None
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise CommandError(f"Parameter '{name}' expects uint64") from None
+    if name in S.PERCENT_PARAMETERS and not 0 <= n <= 255:
+        raise CommandError(f"Parameter '{name}' expects uint8_t")
+    return n
+
+
+@command("migrate_set_parameter", "parameter:s,value:s", "parameter value",
+         "set a migration parameter (max-bandwidth: a bare number is MiB/s)")
+def migrate_set_parameter(session, parameter, value):
+    if parameter not in S.PARAMETER_DEFAULTS:
+        if parameter in S.ALL_PARAMETERS:
+            raise CommandError(f"qmon does not implement the migration parameter '{parameter}'")
+        raise CommandError(f"invalid parameter value: {parameter}")
     m = session.machine
+    n = check_parameter(parameter, _hmp_value(parameter, value), m.params)
     m.run(m.params.__setitem__, parameter, n)
 
 

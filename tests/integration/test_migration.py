@@ -162,11 +162,11 @@ def test_auto_converge_throttles_until_it_converges(pair, tmp_path):
     src.cmd("migrate_set_parameter downtime-limit 20")
     src.cmd(f"migrate -d {uri}")
     info = src.wait_for("info migrate",
-                        lambda o: field(o, "cpu throttle percentage") is not None
-                        or status(o) == "completed", timeout=60, interval=0.2)
-    if status(info) != "completed":
-        assert int(field(info, "cpu throttle percentage")) >= 20
-        assert int(field(info, "dirty pages rate").split()[0]) > 0
+                        lambda o: field(o, "cpu throttle percentage") is not None, timeout=60,
+                        interval=0.2)
+    assert status(info) == "active"
+    assert int(field(info, "cpu throttle percentage")) >= 20
+    assert int(field(info, "dirty pages rate").split()[0]) > 0
     info = src.wait_for("info migrate", lambda o: status(o) == "completed", timeout=90,
                         interval=0.2)
     assert src.cmd("info migrate_capabilities")[2] == "auto-converge: on"
@@ -316,7 +316,8 @@ def test_incoming_defer(qmon_proc, tmp_path):
     assert dst.cmd(f"migrate_incoming tcp:127.0.0.1:{port}") == [
         "Error: The incoming migration has already been started"]
     src = qmon_proc("-M", "none", "-m", "2M", "-snapshot-dir", str(tmp_path / "s"))
-    assert src.cmd("migrate_incoming tcp:127.0.0.1:1") == ["Error: For use with '-incoming defer'"]
+    assert src.cmd("migrate_incoming tcp:127.0.0.1:1") == [
+        "Error: '-incoming' was not specified on the command line"]
     src.cmd(f"migrate tcp:127.0.0.1:{port}")
     dst.wait_for("info status", lambda o: o == ["VM status: running"])
 
@@ -364,3 +365,67 @@ def test_a_stalled_peer_fails_the_migration_and_the_source_runs_on(qmon_proc, tm
     assert src.cmd("info status") == ["VM status: running"]
     conn.close()
     server.close()
+
+
+def test_cancel_right_after_continue_never_leaves_two_running_copies(pair):
+    for _ in range(3):
+        src, dst, uri = pair(src_args=("-workload", "counter,speed=5000"))
+        src.cmd("migrate_set_capability pause-before-switchover on")
+        src.cmd(f"migrate -d {uri}")
+        src.wait_for("info migrate", lambda o: status(o) == "pre-switchover")
+        assert src.cmd("cont") == ["Error: Migration is not finalized yet"]
+        src.proc.stdin.write("migrate_continue pre-switchover\nmigrate_cancel\n")
+        src.proc.stdin.flush()
+        final = src.wait_for("info migrate", lambda o: status(o) in ("completed", "cancelled"))
+        src_running = src.cmd("info status") == ["VM status: running"]
+        if status(final) == "cancelled":
+            assert src_running
+            assert dst.proc.wait(20) == 1  # the destination never got the whole stream
+        else:
+            assert not src_running
+            dst.wait_for("info status", lambda o: o == ["VM status: running"])
+        src.close()
+        dst.close()
+
+
+def test_no_snapshot_while_migrating_and_unlimited_bandwidth(pair, tmp_path):
+    random_ram(tmp_path / "src.ram", 16 << 20)
+    src, dst, uri = pair(src_args=("-M", "none"), dst_args=("-M", "none"))
+    src.cmd("migrate_set_parameter max-bandwidth 1M")
+    src.cmd(f"migrate -d {uri}")
+    src.wait_for("info migrate", lambda o: status(o) == "active")
+    assert src.cmd("savevm during") == ["Error: There's a migration process in progress"]
+    assert src.cmd("loadvm during") == ["Error: There's a migration process in progress"]
+    assert src.cmd("info snapshots") == ["There is no snapshot available."]
+    src.cmd("migrate_set_parameter max-bandwidth 0")  # 0 means no limit, as in QEMU
+    src.wait_for("info migrate", lambda o: status(o) == "completed", timeout=30)
+    dst.wait_for("info status", lambda o: o == ["VM status: running"])
+    assert (tmp_path / "dst.ram").read_bytes() == (tmp_path / "src.ram").read_bytes()
+
+
+def test_parameter_errors_are_qemus(qmon_proc, tmp_path):
+    src = qmon_proc("-M", "none", "-m", "1M", "-snapshot-dir", str(tmp_path / "s"))
+    cases = {
+        "migrate_set_parameter downtime-limit 2000001":
+            "Error: Parameter 'downtime_limit' expects an integer in the range of 0 to "
+            "(2000 * 1000) ms",
+        "migrate_set_parameter xbzrle-cache-size 5000":
+            "Error: Parameter 'xbzrle_cache_size' expects a power of two no less than the "
+            "target page size",
+        "migrate_set_parameter cpu-throttle-initial 256":
+            "Error: Parameter 'cpu-throttle-initial' expects uint8_t",
+        "migrate_set_parameter cpu-throttle-initial 100":
+            "Error: Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99",
+        "migrate_set_parameter max-cpu-throttle 10":
+            "Error: Parameter 'max_cpu_throttle' expects an integer in the range of "
+            "cpu_throttle_initial to 99",
+        "migrate_set_parameter throttle-trigger-threshold 101":
+            "Error: Parameter 'throttle_trigger_threshold' expects an integer in the range of "
+            "1 to 100",
+        "migrate_set_parameter max-bandwidth abc": "Error: Invalid size abc",
+        "migrate_continue pre-switchover": "Error: Migration not in expected state: none",
+    }
+    for cmd, msg in cases.items():
+        assert src.cmd(cmd) == [msg], cmd
+    assert src.cmd("migrate_set_parameter xbzrle-cache-size 65536") == []  # bytes, as in QEMU
+    assert "xbzrle-cache-size: 65536 bytes" in src.cmd("info migrate_parameters")
