@@ -156,6 +156,7 @@ class Machine:
         self.trace = Tracer(lambda line: self.message(line))
         self.event_listeners: list = []  # callables(name, data): QMP-style events
         self.on_fatal = None  # callable(message): the front end ends the process
+        self.on_quit = None  # callable(): the front end ends the process, status 0
 
         self.output = None  # callable(str): messages for the user (serial lines, events)
         self._listeners: list = []
@@ -256,15 +257,30 @@ class Machine:
         return self.runstate == RunState.RUNNING
 
     def vm_stop(self, state: RunState = RunState.PAUSED):
-        """QEMU's vm_stop(): only a running guest changes state."""
+        """QEMU's vm_stop(): only a running guest changes state (and says STOP)."""
         if self.runstate == RunState.RUNNING:
             self.clock.stop()
             self.set_runstate(state)
+            self.emit_event("STOP")
 
     def vm_start(self):
         if self.runstate != RunState.RUNNING:
             self.set_runstate(RunState.RUNNING)
             self.clock.start()
+            self.emit_event("RESUME")
+
+    def stop(self):
+        """The stop command (QEMU's qmp_stop): a waiting destination just won't autostart."""
+        if self.runstate == RunState.INMIGRATE:
+            self.autostart = False
+        else:
+            self.vm_stop(RunState.PAUSED)
+
+    def request_quit(self):
+        """quit from QMP (or HMP through it): the front end ends the process."""
+        fn = self.on_quit
+        if fn is not None:
+            fn()
 
     def cont(self):
         if self.runstate in NEEDS_RESET:

@@ -32,6 +32,8 @@ Options (QEMU's spellings):
   -incoming URI      wait in 'paused (inmigrate)' for a migration stream: tcp:HOST:PORT,
                      unix:PATH, exec:CMD (reads CMD's stdout), or defer (then
                      migrate_incoming URI); listeners bind 127.0.0.1 unless HOST says else
+  -qmp tcp:HOST:PORT,server=on,wait=off | unix:PATH,server=on,wait=off
+                     a QMP server beside the console (qemu.qmp, qmp-shell)
   -trace PATTERN     turn on trace events from the start (also -trace enable=PATTERN)
   -f FILE            run monitor commands from FILE, one a line, printing a transcript
   --version          print the version and exit
@@ -65,7 +67,7 @@ def parse_argv(argv: list[str]) -> dict:
     opts = {"ram": 128 << 20, "machine": "lab", "paused": False, "name": None,
             "workload": None, "mem_path": None, "snapshot_dir": None, "script": None,
             "serial": "none", "action": None, "incoming": None, "trace": [],
-            "drive": None, "drive_id": "disk0"}
+            "drive": None, "drive_id": "disk0", "qmp": []}
     i = 0
 
     def value(opt):
@@ -122,6 +124,8 @@ def parse_argv(argv: list[str]) -> dict:
                     raise UsageError(f"-drive: unknown option '{k}'")
             if not opts["drive"]:
                 raise UsageError("-drive: needs file=PATH")
+        elif a == "-qmp":
+            opts["qmp"].append(value(a))
         elif a == "-trace":
             v = value(a)
             opts["trace"].append(v[7:] if v.startswith("enable=") else v)
@@ -243,6 +247,13 @@ def _run(opts) -> int:
         os._exit(1)
 
     machine.on_fatal = fatal
+
+    def quit_now():
+        # A moment for the QMP replies already sent to be read before the sockets go.
+        sys.stdout.flush()
+        threading.Timer(0.2, os._exit, (0,)).start()
+
+    machine.on_quit = quit_now
     from machine.trace import TraceError
     for pattern in opts["trace"]:
         try:
@@ -257,6 +268,16 @@ def _run(opts) -> int:
         print(f"qmon: -incoming {opts['incoming']}: {e}", file=sys.stderr)
         return 1
     session = Session(machine, store, out)
+    from .qmp import QMPServer
+    servers = []
+    for spec in opts["qmp"]:
+        try:
+            servers.append(QMPServer(machine, store, spec))
+        except (ValueError, OSError) as e:
+            print(f"qmon: -qmp {spec}: {e}", file=sys.stderr)
+            return 1
+    for server in servers:
+        server.start()
     try:
         if opts["script"] is not None:
             from .batch import run_batch

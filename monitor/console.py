@@ -148,6 +148,13 @@ def run_console(session, banner: str) -> int:
             app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()))
 
     machine.on_fatal = fatal
+
+    def quit_now():
+        app = ps.app
+        if app.is_running and app.loop is not None:
+            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()))
+
+    machine.on_quit = quit_now
     print(banner)
     with patch_stdout(raw=True):
         while True:

@@ -50,6 +50,7 @@ class OutgoingMigration:
         self._connected = None  # the channel, once the connect thread has one
         self._connect_error: str | None = None
         self.phase = "setup"  # setup, iterate, switchover-wait, draining
+        self.committed = False  # the stream's EOF has been handed to the writer
 
     # Lifecycle -----------------------------------------------------------------------------------
     def start(self):
@@ -74,9 +75,9 @@ class OutgoingMigration:
     def cancel(self):
         if self.st.status in S.FINISHED:
             return
-        if self.phase == "draining" and self.sink is not None and self.sink.queued == 0:
-            # Every byte, device state included, is already on its way: the destination will
-            # run, so the source must not. Too late to cancel; it completes.
+        if self.committed:
+            # The EOF that lets the destination run is on its way: the source must not run
+            # too. Too late to cancel; it completes.
             return
         self.st.status = S.CANCELLING
         self._finish(S.CANCELLED, None)
@@ -312,7 +313,7 @@ class OutgoingMigration:
 
     def _send_rest(self):
         self.phase = "draining"
-        self.out.complete()
+        self.out.complete(hold_eof=True)
         self.out.cleanup()
         if self.caps.get("events"):
             self.machine.emit_event("MIGRATION_PASS", {"pass": self.ram.stats.dirty_sync_count})
@@ -335,6 +336,11 @@ class OutgoingMigration:
         if self.sink.error is not None:
             raise self.sink.error
         if self.sink.queued:
+            return True
+        if not self.committed:
+            # Everything but the EOF reached the wire: now the point of no return.
+            self.committed = True
+            self.out.finish()
             return True
         self.sink.drain(STALL_TIMEOUT_S)
         self.sink.close()

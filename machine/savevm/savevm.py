@@ -88,8 +88,10 @@ class OutgoingStream:
             done = done and finished
         return done
 
-    def complete(self):
-        """END for live sections, FULL for devices, EOF, vmdesc. The guest must be stopped."""
+    def complete(self, hold_eof: bool = False):
+        """END for live sections, FULL for devices, EOF, vmdesc. The guest must be stopped.
+        With ``hold_eof`` the EOF and vmdesc wait for ``finish()``: until that last byte goes,
+        a destination cannot complete, so the source may still call the migration off."""
         self.trace("savevm_state_complete_precopy")
         w = self.w
         for se, state in self.live:
@@ -108,8 +110,16 @@ class OutgoingStream:
             _section_footer(w, se)
             self.trace("savevm_section_end", se.idstr, se.section_id, 0)
             devices.append(se.device.vmsd.vmdesc(se.idstr, se.instance_id))
+        self._devices = devices
+        if not hold_eof:
+            self.finish()
+        else:
+            w.flush()
+
+    def finish(self):
+        w = self.w
         w.put_u8(F.QEMU_VM_EOF)
-        desc = json.dumps({"page_size": F.TARGET_PAGE_SIZE, "devices": devices}).encode()
+        desc = json.dumps({"page_size": F.TARGET_PAGE_SIZE, "devices": self._devices}).encode()
         w.put_u8(F.QEMU_VM_VMDESCRIPTION)
         w.put_be32(len(desc))
         w.put_bytes(desc)

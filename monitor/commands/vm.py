@@ -8,7 +8,7 @@ from . import command
 @command("stop|s", help="pause the guest (the virtual clock stops with it)")
 def stop(session):
     m = session.machine
-    m.run(m.vm_stop)
+    m.run(m.stop)
 
 
 @command("cont|c", help="resume the guest")
