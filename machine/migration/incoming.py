@@ -41,6 +41,10 @@ class IncomingMigration:
             m.run(self._fail, str(e))
             return
         self.conn = conn
+        if hasattr(conn, "settimeout"):
+            # A source that stops sending must not keep the destination waiting forever.
+            from .precopy import STALL_TIMEOUT_S
+            conn.settimeout(STALL_TIMEOUT_S)
         m.run(self._begin)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
