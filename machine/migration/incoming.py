@@ -9,6 +9,7 @@ does ("load of migration failed").
 
 from __future__ import annotations
 
+import os
 import threading
 
 from ..runstate import RunState, RunStateError
@@ -41,10 +42,11 @@ class IncomingMigration:
             m.run(self._fail, str(e))
             return
         self.conn = conn
-        if hasattr(conn, "settimeout"):
-            # A source that stops sending must not keep the destination waiting forever.
-            from .precopy import STALL_TIMEOUT_S
-            conn.settimeout(STALL_TIMEOUT_S)
+        timeout = os.environ.get("QMON_INCOMING_STALL_TIMEOUT")
+        if timeout and hasattr(conn, "settimeout"):
+            # Opt-in: like QEMU, a destination waits for its source by default (a source may
+            # rightly pause before switchover for as long as its user wants).
+            conn.settimeout(float(timeout))
         m.run(self._begin)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
