@@ -73,6 +73,8 @@ class IncomingMigration:
         self.st.socket_addresses = []
         self.machine.globalstate.received = None
         self.loader = Loader(self.machine, apply=True, trace=self.machine.trace)
+        self.loader.on_command = self._command
+        self.return_path = None
         self.machine.emit_migration_status(S.ACTIVE)
 
     def _feed(self, data) -> bool:
@@ -104,8 +106,35 @@ class IncomingMigration:
             return
         self._done()
 
+    def _command(self, cmd, data):
+        from ..savevm import format as F
+        from ..savevm.records import StreamError
+
+        if cmd == F.MIG_CMD_OPEN_RETURN_PATH:
+            if not hasattr(self.conn, "sendall"):
+                raise StreamError("Unable to open return-path: the channel is one-way", None)
+            self.return_path = self.conn
+        elif cmd == F.MIG_CMD_PING and len(data) == 4 and self.return_path is not None:
+            self._reply(F.MIG_RP_MSG_PONG, data)
+
+    def _reply(self, msg_type: int, data: bytes):
+        import struct
+
+        try:
+            self.return_path.sendall(struct.pack(">HH", msg_type, len(data)) + data)
+        except OSError:
+            pass
+
+    def _shut(self, failed: bool):
+        """QEMU's MIG_RP_MSG_SHUT: tell the source, before anything runs, how it ended."""
+        if getattr(self, "return_path", None) is not None:
+            from ..savevm import format as F
+
+            self._reply(F.MIG_RP_MSG_SHUT, (1 if failed else 0).to_bytes(4, "big"))
+
     def _done(self):
         m = self.machine
+        self._shut(False)
         self.loader.commit()
         m.workload.resync()
         for note in self.loader.warnings + ([self.loader.warning] if self.loader.warning else []):
@@ -133,6 +162,7 @@ class IncomingMigration:
             pass
 
     def _fail(self, reason: str):
+        self._shut(True)
         st = self.st
         st.status = S.FAILED
         st.error = reason

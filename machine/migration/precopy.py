@@ -29,6 +29,45 @@ STEP_MAX_S = 0.02
 STALL_TIMEOUT_S = float(os.environ.get("QMON_MIGRATION_STALL_TIMEOUT", "30"))
 
 
+class ReturnPath:
+    """Reads the destination's messages (QEMU's return path): be16 type, be16 length, data.
+    Only SHUT matters here: 0 when the destination loaded the stream, 1 when it failed."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.status: int | None = None
+        self.closed = False
+        self.since = time.monotonic()
+        threading.Thread(target=self._run, name="migration-return-path", daemon=True).start()
+
+    def _run(self):
+        import struct
+
+        from ..savevm import format as F
+
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            buf += data
+            while len(buf) >= 4:
+                kind, n = struct.unpack_from(">HH", buf)
+                if len(buf) < 4 + n:
+                    break
+                body, buf = buf[4:4 + n], buf[4 + n:]
+                if kind == F.MIG_RP_MSG_SHUT and n == 4:
+                    self.status = int.from_bytes(body, "big")
+                    self.closed = True
+                    return
+        self.closed = True
+
+
 class OutgoingMigration:
     def __init__(self, machine, uri: str, params: dict, caps: dict, state: S.MigrationState,
                  blk: bool = False):
@@ -51,6 +90,7 @@ class OutgoingMigration:
         self._connect_error: str | None = None
         self.phase = "setup"  # setup, iterate, switchover-wait, draining
         self.committed = False  # the stream's EOF has been handed to the writer
+        self.rp = None  # the return path's reader, with the return-path capability
 
     # Lifecycle -----------------------------------------------------------------------------------
     def start(self):
@@ -126,6 +166,12 @@ class OutgoingMigration:
                 live.enable_xbzrle(xb)
             self.ram = live
         self.out.header()
+        if self.caps.get("return-path"):
+            sock = getattr(self._connected, "sock", None)
+            if sock is None:
+                raise ChannelError("return-path needs a two-way channel (tcp: or unix:)")
+            self.out.open_return_path()
+            self.rp = ReturnPath(sock)
         self.out.setup()
         w.flush()
         st = self.st
@@ -338,10 +384,22 @@ class OutgoingMigration:
         if self.sink.queued:
             return True
         if not self.committed:
-            # Everything but the EOF reached the wire: now the point of no return.
+            # Everything but the EOF reached the wire: now the point of no return (without a
+            # return path; with one, the destination's answer decides).
             self.committed = True
             self.out.finish()
             return True
+        if self.rp is not None:
+            if self.rp.status is None and not self.rp.closed:
+                if time.monotonic() - self.rp.since > STALL_TIMEOUT_S:
+                    raise TimeoutError("no answer from the destination on the return path")
+                return True
+            if self.rp.status != 0:
+                # The destination could not load what we sent: it is not running, so the
+                # source must run on.
+                self._finish(S.FAILED, "the destination failed to load the stream "
+                                       "(reported on the return path)")
+                return False
         self.sink.drain(STALL_TIMEOUT_S)
         self.sink.close()
         self._finish(S.COMPLETED, None)

@@ -12,7 +12,8 @@ CAPABILITIES = (
     "multifd", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
     "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt",
 )
-IMPLEMENTED_CAPABILITIES = {"xbzrle", "auto-converge", "events", "pause-before-switchover"}
+IMPLEMENTED_CAPABILITIES = {"xbzrle", "auto-converge", "events", "pause-before-switchover",
+                            "return-path"}
 
 # The parameters qmon implements, in the order QEMU prints them, with their defaults.
 PARAMETER_DEFAULTS = {

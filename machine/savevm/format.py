@@ -48,3 +48,9 @@ RAM_SECTION_IDSTR = "ram"
 RAM_SECTION_VERSION = 4
 
 ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
+
+# QEMU_VM_COMMAND commands (source to destination) and return-path messages (back).
+MIG_CMD_OPEN_RETURN_PATH = 1
+MIG_CMD_PING = 2
+MIG_RP_MSG_SHUT = 1
+MIG_RP_MSG_PONG = 2

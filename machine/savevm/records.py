@@ -154,6 +154,15 @@ class V2Record:
 
 
 @dataclass(slots=True)
+class Command:
+    """A QEMU_VM_COMMAND record: be16 command, be16 length, data (return path, ping)."""
+
+    offset: int
+    cmd: int
+    data: bytes
+
+
+@dataclass(slots=True)
 class Footer:
     offset: int
     section_id: int
@@ -425,6 +434,17 @@ class Parser:
             self._pos = p + 1
             self._state = _S_AFTER_EOF
             return EOF(off)
+        elif t == F.QEMU_VM_COMMAND:
+            if not self._have(5):
+                return None
+            cmd, n = struct.unpack_from(">HH", buf, p + 1)
+            if cmd not in (F.MIG_CMD_OPEN_RETURN_PATH, F.MIG_CMD_PING):
+                raise StreamError(f"VM_COMMAND 0x{cmd:x} unknown (len 0x{n:x})", off)
+            if not self._have(5 + n):
+                return None
+            data = bytes(buf[p + 5: p + 5 + n])
+            self._pos = p + 5 + n
+            return Command(off, cmd, data)
         else:
             raise StreamError(f"Unknown savevm section type {t}", off)
         self._current = sec

@@ -22,7 +22,7 @@ from ..vmstate import VMStateError
 from . import format as F
 from .records import (EOF, Configuration, DeviceState, End, Footer, Header, Parser, RamEOS,
                       RamMemSize, RamPage, RamXbzrle, RamZero, SectionHeader, StreamError,
-                      V2Record, VMDesc, BlockChunk)
+                      V2Record, VMDesc, BlockChunk, Command)
 from .block import BlockLoadState
 from .ram import RamLoadState
 
@@ -56,6 +56,18 @@ class OutgoingStream:
         # Each live handler keeps per-stream state (its dirty bitmap, its cursor).
         self.live = [(se, se.live()) for se in self.entries if se.live is not None]
         self.trace = trace or (lambda name, *args: None)
+
+    def open_return_path(self):
+        """Ask the destination to answer on the same channel (QEMU's return-path capability):
+        OPEN_RETURN_PATH, then a PING it must answer with a PONG."""
+        w = self.w
+        w.put_u8(F.QEMU_VM_COMMAND)
+        w.put_be16(F.MIG_CMD_OPEN_RETURN_PATH)
+        w.put_be16(0)
+        w.put_u8(F.QEMU_VM_COMMAND)
+        w.put_be16(F.MIG_CMD_PING)
+        w.put_be16(4)
+        w.put_be32(1)
 
     def header(self):
         self.trace("savevm_state_header")
@@ -201,6 +213,7 @@ class Loader:
         self.warning: str | None = None
         self.finished = False
         self.warnings: list[str] = []  # what the lax version 2 loader let through
+        self.on_command = None  # callable(cmd, data): the incoming side's return path
         self.parser = Parser(self.describe, self.describe_v2)
 
     def describe(self, idstr, instance_id, version_id):
@@ -282,6 +295,11 @@ class Loader:
                 self.trace("qemu_loadvm_state_section_partend", rec.section_id)
         elif t is RamMemSize:
             self.ram.mem_size(rec)
+        elif t is Command:
+            if self.on_command is None:
+                raise StreamError("a migration command (return path) in a stream that is not "
+                                  "an incoming migration", rec.offset)
+            self.on_command(rec.cmd, rec.data)
         elif t is V2Record:
             self.section = rec  # carries idstr and instance_id as a section header does
         elif t is DeviceState:
