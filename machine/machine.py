@@ -472,6 +472,8 @@ class Machine:
         if self.migration_active():
             # A snapshot would reset the dirty log the migration depends on.
             raise MachineError("There's a migration process in progress")
+        if self.runstate == RunState.INMIGRATE:
+            raise MachineError("Guest is waiting for an incoming migration")
         if tag is None:
             tag = time.strftime("vm-%Y%m%d%H%M%S")
         tag = truncate_tag(tag)
@@ -514,6 +516,8 @@ class Machine:
 
         if self.migration_active():
             raise MachineError("There's a migration process in progress")
+        if self.runstate == RunState.INMIGRATE:
+            raise MachineError("Guest is waiting for an incoming migration")
         was_running = self.is_running()
         self.vm_stop(RunState.RESTORE_VM)
         info = store.find(tag)
