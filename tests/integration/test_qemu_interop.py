@@ -211,3 +211,24 @@ def test_info_snapshots_shows_the_same_vm_size(qemus, qmon_proc, tmp_path):
     src.cmd("savevm s1")
     mrow = src.cmd("info snapshots")[2]
     assert qrow[:35] == mrow[:35] == "--        s1               36.8 KiB"
+
+
+def test_return_path_both_ways(qemus, qmon_proc, tmp_path):
+    """QEMU's return-path capability: OPEN_RETURN_PATH and PING in the stream, PONG and
+    SHUT back. A qmon source and a QEMU destination, then the other way round."""
+    port = free_port()
+    q = qemus("-incoming", f"tcp:127.0.0.1:{port}")
+    src = qmon_proc("-M", "none", "-m", "16M", "-snapshot-dir", str(tmp_path / "s"))
+    assert src.cmd("migrate_set_capability return-path on") == []
+    assert src.cmd(f"migrate tcp:127.0.0.1:{port}") == []
+    assert status_of(src.cmd("info migrate")) == "completed"
+    q.wait_for("info status", lambda o: o == ["VM status: running"])
+    port = free_port()
+    dst = qmon_proc("-M", "none", "-m", "16M", "-incoming", f"tcp:127.0.0.1:{port}",
+                    "-snapshot-dir", str(tmp_path / "s"))
+    dst.cmd("info status")
+    q2 = qemus()
+    q2.hmp("migrate_set_capability return-path on")
+    q2.hmp(f"migrate -d tcp:127.0.0.1:{port}")
+    q2.wait_for("info migrate", lambda o: status_of(o) == "completed")
+    dst.wait_for("info status", lambda o: o == ["VM status: running"])
