@@ -146,8 +146,12 @@ def run_trials(tmp_path, trials_per_kind, seed):
                 assert st == "failed", (kind, info)
                 assert src_status == ["VM status: running"], (kind, src_status)
                 assert rc not in (None, 0), (kind, rc)
-                assert any("load of migration failed" in l for l in dst.stderr_lines), \
-                    (kind, dst.stderr_lines)
+                for _ in range(40):  # the reader thread may still be taking the last lines
+                    if any(l and "load of migration failed" in l for l in dst.stderr_lines):
+                        break
+                    time.sleep(0.05)
+                assert any(l and "load of migration failed" in l for l in dst.stderr_lines), \
+                    (kind, rc, dst.stderr_lines)
             assert src.cmd("info workload")[-1] == "invariant: ok", kind
             figures[kind]["survived"] += 1
             proxy.close()
