@@ -49,17 +49,9 @@ class SocketSink:
         self.sock = sock
 
     def writev(self, buffers):
-        bufs = [memoryview(b).cast("B") for b in buffers if len(b)]
-        while bufs:
-            chunk = bufs[: self.IOV_MAX]
-            n = self.sock.sendmsg(chunk)
-            i = 0
-            while i < len(chunk) and n >= len(chunk[i]):
-                n -= len(chunk[i])
-                i += 1
-            del bufs[:i]
-            if n:
-                bufs[0] = bufs[0][n:]
+        from ..savevm.stream import write_vectored
+
+        write_vectored(self.sock.sendmsg, buffers, self.IOV_MAX)
 
     def close(self):
         try:

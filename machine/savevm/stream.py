@@ -42,18 +42,24 @@ class FdSink:
         self.fd = fd
 
     def writev(self, buffers):
-        bufs = [memoryview(b).cast("B") for b in buffers if len(b)]
-        while bufs:
-            chunk = bufs[: self.IOV_MAX]
-            n = os.writev(self.fd, chunk)
-            # Drop what was written; a short write leaves part of one buffer.
-            i = 0
-            while i < len(chunk) and n >= len(chunk[i]):
-                n -= len(chunk[i])
-                i += 1
-            del bufs[:i]
-            if n:
-                bufs[0] = bufs[0][n:]
+        write_vectored(lambda chunk: os.writev(self.fd, chunk), buffers, self.IOV_MAX)
+
+
+def write_vectored(send, buffers, iov_max: int = 1024):
+    """Write every buffer in order with a scatter-gather call (``send(list) -> bytes
+    written``: os.writev, socket.sendmsg), resuming after short writes."""
+    bufs = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while bufs:
+        chunk = bufs[:iov_max]
+        n = send(chunk)
+        # Drop what was written; a short write leaves part of one buffer.
+        i = 0
+        while i < len(chunk) and n >= len(chunk[i]):
+            n -= len(chunk[i])
+            i += 1
+        del bufs[:i]
+        if n:
+            bufs[0] = bufs[0][n:]
 
 
 class StreamWriter:
