@@ -42,10 +42,16 @@ _ZERO_PAGE = F.ZERO_PAGE
 _BE32 = struct.Struct(">I")
 
 
+MAX_EXTRACT_BLOCK = 64 << 30  # what --extract agrees to write for one RAM block
+
+
 class DissectError(Exception):
     """A stream the dissector cannot explain further (besides the parser's StreamError)."""
 
     def __init__(self, message: str, offset: int):
+        from machine.savevm.records import printable
+
+        message = printable(message)
         super().__init__(message)
         self.message = message
         self.offset = offset
@@ -1235,7 +1241,7 @@ class Extractor:
         self.out = out
         self.quiet = quiet
         os.makedirs(directory, exist_ok=True)
-        self.blocks = {}  # name -> [fd, path, length, bitmap of pages written non-zero]
+        self.blocks = {}  # name -> [fd, path, length, set of pages written non-zero]
         self.written = []
         self.closed = False
         self._page = bytearray(PAGE)
@@ -1244,7 +1250,9 @@ class Extractor:
         path = os.path.join(self.dir, f"ram-{safe_name(name)}.bin")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, length)  # sparse: pages the stream never sends read as zeros
-        self.blocks[name] = [fd, path, length, bytearray((length + PAGE - 1) // PAGE)]
+        # A set, not a bitmap: memory follows the pages the stream really sends, not the
+        # size it claims.
+        self.blocks[name] = [fd, path, length, set()]
         self.written.append((path, length))
 
     def record(self, rec, ctx):
@@ -1252,22 +1260,29 @@ class Extractor:
         if t is R.RamPage:
             b = self.blocks[rec.block]
             os.pwrite(b[0], rec.data, rec.addr)
-            b[3][rec.addr // PAGE] = 1
+            b[3].add(rec.addr // PAGE)
         elif t is R.RamZero:
             b = self.blocks[rec.block]
             page = rec.addr // PAGE
-            if rec.fill or b[3][page]:
+            if rec.fill or page in b[3]:
                 os.pwrite(b[0], bytes([rec.fill]) * PAGE, rec.addr)
-                b[3][page] = 1 if rec.fill else 0
+                if rec.fill:
+                    b[3].add(page)
+                else:
+                    b[3].discard(page)
         elif t is R.RamXbzrle:
             b = self.blocks[rec.block]
             buf = self._page
             buf[:] = os.pread(b[0], PAGE, rec.addr).ljust(PAGE, b"\0")
             xbzrle.decode(rec.data, buf)
             os.pwrite(b[0], buf, rec.addr)
-            b[3][rec.addr // PAGE] = 1
+            b[3].add(rec.addr // PAGE)
         elif t is R.RamMemSize:
             for name, length in rec.blocks:
+                if length > MAX_EXTRACT_BLOCK:
+                    raise DissectError(f'RAM block "{name}" claims {length} bytes: --extract '
+                                       f"writes at most {format_size(MAX_EXTRACT_BLOCK)} a "
+                                       "block", rec.offset)
                 if name in self.blocks:
                     if self.blocks[name][2] == length:
                         continue

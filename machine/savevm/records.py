@@ -30,10 +30,18 @@ MAX_RAM_BLOCKS = 256
 MAX_VMDESC = 64 << 20
 
 
+def printable(text: str) -> str:
+    """Names read from a stream are untrusted bytes: show anything outside printable ASCII
+    as \\xNN, so a message stays one readable line."""
+    return "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in text)
+
+
 class StreamError(Exception):
-    """A stream that cannot be loaded. ``offset`` is where the offending field starts."""
+    """A stream that cannot be loaded. ``offset`` is where the offending field starts.
+    The message may quote names from the stream; it is made printable here, once for all."""
 
     def __init__(self, message: str, offset: int | None = None):
+        message = printable(message)
         super().__init__(message)
         self.message = message
         self.offset = offset
@@ -198,7 +206,7 @@ class _Section:
 
 # Parser states.
 (_S_HEADER, _S_CONFIG, _S_TOP, _S_RAM, _S_DEVICE, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE,
- _S_V2_TOP, _S_V2_SKIP, _S_BLOCK) = range(12)
+ _S_V2_TOP, _S_V2_SKIP, _S_BLOCK, _S_VMDESC_SKIP) = range(13)
 
 _BLOCK_CHUNK = 1 << 20
 MAX_BLOCK_RECORDS_NAME = 255
@@ -207,7 +215,7 @@ _RAM_KIND_FLAGS = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_
 
 
 class Parser:
-    def __init__(self, describe, describe_v2=None):
+    def __init__(self, describe, describe_v2=None, keep_vmdesc: bool = True):
         """``describe(idstr, instance_id, version_id)`` returns ``("ram", None)`` or
         ``("device", payload_size)``, or raises StreamError. For version 2 streams,
         ``describe_v2`` may answer more laxly: ``("skip", note)`` for a record to pass over,
@@ -215,6 +223,9 @@ class Parser:
         claims."""
         self._describe = describe
         self._describe_v2 = describe_v2
+        # A loader never uses the vmdesc: it passes over it without holding it in memory.
+        self._keep_vmdesc = keep_vmdesc
+        self._vmdesc_off = 0
         self.version = None
         self._v2_end = 0  # stream offset where the v2 records end
         self._skip_left = 0
@@ -271,6 +282,8 @@ class Parser:
             return self._v2_top()
         if state == _S_V2_SKIP:
             return self._v2_skip()
+        if state == _S_VMDESC_SKIP:
+            return self._vmdesc_skip()
         if state == _S_HEADER:
             return self._header()
         if state == _S_CONFIG:
@@ -372,6 +385,17 @@ class Parser:
         self._state = _S_RAM if kind == "ram" else _S_DEVICE
         return V2Record(off, idstr, instance_id, version_id, length, kind, note)
 
+    def _vmdesc_skip(self):
+        n = min(self._skip_left, len(self._buf) - self._pos)
+        self._pos += n
+        self._skip_left -= n
+        if self._skip_left:
+            if self._eof:
+                raise StreamError("truncated stream: the vmdesc ends early", self.offset)
+            return None
+        self._state = _S_END
+        return VMDesc(self._vmdesc_off, b"")
+
     def _v2_skip(self):
         n = min(self._skip_left, len(self._buf) - self._pos)
         if n == 0 and self._skip_left:
@@ -383,7 +407,7 @@ class Parser:
         if self._skip_left:
             return None
         self._state = _S_V2_TOP
-        return self._v2_top()
+        return self.next()
 
     def _config(self):
         if not self._have(1):
@@ -483,15 +507,21 @@ class Parser:
     def _device(self):
         sec = self._current
         if self.version == 2:
+            # Lax as v2 was: a payload of another size is cut or padded to the layout used;
+            # what lies beyond the layout is passed over, never held in memory.
             length = self._v2_device_len
-            if not self._have(length):
+            take = min(length, sec.size)
+            if not self._have(take):
                 return None
             off = self.offset
-            data = bytes(self._buf[self._pos: self._pos + length])
-            self._pos += length
-            self._state = _S_V2_TOP
-            return DeviceState(off, sec.idstr, sec.version_id,
-                               data[:sec.size].ljust(sec.size, b"\0"))
+            data = bytes(self._buf[self._pos: self._pos + take])
+            self._pos += take
+            if length > take:
+                self._skip_left = length - take
+                self._state = _S_V2_SKIP
+            else:
+                self._state = _S_V2_TOP
+            return DeviceState(off, sec.idstr, sec.version_id, data.ljust(sec.size, b"\0"))
         if not self._have(sec.size):
             return None
         off = self.offset
@@ -624,6 +654,12 @@ class Parser:
         (n,) = _BE32.unpack_from(self._buf, self._pos + 1)
         if n > MAX_VMDESC:
             raise StreamError(f"vmdesc of {n} bytes is larger than {MAX_VMDESC}", off + 1)
+        if not self._keep_vmdesc:
+            self._pos += 5
+            self._skip_left = n
+            self._vmdesc_off = off
+            self._state = _S_VMDESC_SKIP
+            return self._vmdesc_skip()
         if not self._have(5 + n):
             return None
         data = bytes(self._buf[self._pos + 5: self._pos + 5 + n])

@@ -214,7 +214,7 @@ class Loader:
         self.finished = False
         self.warnings: list[str] = []  # what the lax version 2 loader let through
         self.on_command = None  # callable(cmd, data): the incoming side's return path
-        self.parser = Parser(self.describe, self.describe_v2)
+        self.parser = Parser(self.describe, self.describe_v2, keep_vmdesc=False)
 
     def describe(self, idstr, instance_id, version_id):
         se = self.by_name.get((idstr, instance_id))
