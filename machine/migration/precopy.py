@@ -189,6 +189,7 @@ class OutgoingMigration:
         self._last_sync_ms = S.now_ms()
         self._xfer_prev = 0
         self._dirty_high = 0
+        self._period_dirty = 0
         self._pass = st.current_pass = S.PassRecord(1, S.now_ms())
         self._pass_stats0 = (0, 0)
         if self.caps.get("events"):
@@ -243,24 +244,14 @@ class OutgoingMigration:
         if self.blk is not None:
             self.blk.sync()
         st.dirty_sync_count = ram.stats.dirty_sync_count
-        p = self._pass
-        p.duration_ms = now - p.start_ms
-        pages0, zero0 = self._pass_stats0
-        p.pages = ram.stats.normal_pages + ram.stats.zero_pages + ram.stats.xbzrle_pages - pages0
-        p.zero_pages = ram.stats.zero_pages - zero0
-        p.dirtied = ram.stats.dirtied_last_sync
-        p.bandwidth = self._bandwidth
-        p.pending_bytes = ram.pending_pages() * 4096
+        pending = ram.pending_pages() * 4096
         # QEMU's rule: once a dirty rate was measured, the expected downtime is what the last
         # sync left over the bandwidth.
         if st.dirty_pages_rate and st.transferred > 10000 and self._bandwidth:
-            st.expected_downtime_ms = p.pending_bytes / self._bandwidth
-        p.expected_downtime_ms = st.expected_downtime_ms
-        st.passes.append(p)
+            st.expected_downtime_ms = pending / self._bandwidth
+        p = self._end_pass(now, pending)
         self._pass = st.current_pass = S.PassRecord(p.number + 1, now)
-        self._pass_stats0 = (ram.stats.normal_pages + ram.stats.zero_pages + ram.stats.xbzrle_pages,
-                             ram.stats.zero_pages)
-        self._period_dirty = getattr(self, "_period_dirty", 0) + p.dirtied
+        self._period_dirty += p.dirtied
         if now - self._last_sync_ms > 1000:
             period = now - self._last_sync_ms
             st.dirty_pages_rate = int(self._period_dirty * 1000 / period)
@@ -288,7 +279,6 @@ class OutgoingMigration:
                 else:
                     wl.throttle = min(wl.throttle + self.params["cpu-throttle-increment"],
                                       self.params["max-cpu-throttle"])
-                self.st.throttle_pct = wl.throttle
 
     def _update_counters(self, now):
         """QEMU's migration_update_counters(): every ~100 ms, the bandwidth and threshold."""
@@ -313,14 +303,30 @@ class OutgoingMigration:
         s = self.ram.stats
         return s.normal_pages + s.zero_pages + s.xbzrle_pages
 
+    def _fill_pass(self, p):
+        """A pass's counters so far: what was sent since it began."""
+        pages0, zero0 = self._pass_stats0
+        p.pages = self._pages_total() - pages0
+        p.zero_pages = self.ram.stats.zero_pages - zero0
+        p.bandwidth = self._bandwidth
+
+    def _end_pass(self, now, pending: int):
+        """Close the pass under way (at a dirty sync, or when the stream completes)."""
+        p, s = self._pass, self.ram.stats
+        self._fill_pass(p)
+        p.duration_ms = now - p.start_ms
+        p.dirtied = s.dirtied_last_sync
+        p.pending_bytes = pending
+        p.expected_downtime_ms = self.st.expected_downtime_ms
+        self.st.passes.append(p)
+        self.st.current_pass = None
+        self._pass_stats0 = (self._pages_total(), s.zero_pages)
+        return p
+
     def _count(self):
         st, s = self.st, self.ram.stats
-        p = self._pass
-        if p is not None:  # the pass under way, as far as it got
-            pages0, zero0 = self._pass_stats0
-            p.pages = self._pages_total() - pages0
-            p.zero_pages = s.zero_pages - zero0
-            p.bandwidth = self._bandwidth
+        if st.current_pass is not None:
+            self._fill_pass(st.current_pass)  # the pass under way, as far as it got
         st.transferred = s.bytes
         st.duplicate = s.zero_pages
         st.normal = s.normal_pages
@@ -365,18 +371,7 @@ class OutgoingMigration:
             self.machine.emit_event("MIGRATION_PASS", {"pass": self.ram.stats.dirty_sync_count})
         self._count()
         self.st.downtime_bytes += self.ram.stats.bytes - self._bytes_at_stop
-        self._sync_pass_end()
-
-    def _sync_pass_end(self):
-        p = self._pass
-        p.duration_ms = S.now_ms() - p.start_ms
-        pages0, zero0 = self._pass_stats0
-        p.pages = self._pages_total() - pages0
-        p.zero_pages = self.ram.stats.zero_pages - zero0
-        p.bandwidth = self._bandwidth
-        p.pending_bytes = 0
-        self.st.passes.append(p)
-        self.st.current_pass = None
+        self._end_pass(S.now_ms(), 0)
 
     def _wait_drained(self) -> bool:
         if self.sink.error is not None:

@@ -87,7 +87,6 @@ class MigrationState:
     dirty_sync_count: int = 0
     xbzrle: dict | None = None
     disk: dict | None = None  # block migration (migrate -b): transferred, remaining, total
-    throttle_pct: int = 0
     passes: list = field(default_factory=list)
     current_pass: PassRecord | None = None  # the pass under way, for info migrate_passes
     # Set for a listening destination: the addresses 'info migrate' shows.
