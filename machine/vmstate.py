@@ -121,9 +121,12 @@ class VMStateDescription:
             values[f.name] = bool(v) if f.type == "bool" else v
         return values
 
-    def vmdesc(self, idstr: str, instance_id: int) -> dict:
+    def vmdesc(self, idstr: str, instance_id: int, version_id: int | None = None) -> dict:
+        """The vmdesc entry QEMU writes for this device (at ``version_id``, default its own:
+        the dissector asks for the version a stream carries)."""
+        version_id = self.version_id if version_id is None else version_id
         out_fields = []
-        for f in self.fields_for(self.version_id):
+        for f in self.fields_for(version_id):
             d = {"name": f.name}
             if f.array_len:
                 d["array_len"] = f.array_len
@@ -131,7 +134,7 @@ class VMStateDescription:
             d["size"] = f.size
             out_fields.append(d)
         return {"name": idstr, "instance_id": instance_id, "vmsd_name": self.name,
-                "version": self.version_id, "fields": out_fields}
+                "version": version_id, "fields": out_fields}
 
     def describe_fields(self, data: bytes, version_id: int):
         """(field, value, offset, length) for each field of a payload: for the dissector."""

@@ -126,16 +126,7 @@ def qmon_desc(idstr: str, instance_id: int, version_id: int):
     vmsd = _qmon_vmsd(idstr, version_id)
     if vmsd is None:
         return None
-    out = []
-    for f in vmsd.fields_for(version_id):
-        d = {"name": f.name}
-        if f.array_len:
-            d["array_len"] = f.array_len
-        d["type"] = f.type
-        d["size"] = f.size
-        out.append(d)
-    return {"name": idstr, "instance_id": instance_id, "vmsd_name": vmsd.name,
-            "version": version_id, "fields": out}
+    return vmsd.vmdesc(idstr, instance_id, version_id)
 
 
 def desc_size(desc: dict) -> int:
