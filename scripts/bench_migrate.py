@@ -151,7 +151,7 @@ def qemu_pair(qemu, ram_file, dst_file, size):
 def sync_monitor(m: Monitor):
     """Wait until the monitor has answered everything sent so far."""
     marker = f"m{time.monotonic_ns()}"
-    m.send(f"info name")
+    m.send("info name")
     m.send(f"nosuch_{marker}")
     m.wait_seen(marker.encode())
 

@@ -18,7 +18,7 @@ type, block sizes, page offsets) belong to the loader.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import format as F
 

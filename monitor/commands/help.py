@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import INFO, TOP, command, find, sorted_table
+from . import TOP, command, find, sorted_table
 
 
 def help_lines(table, prefix="") -> list[str]:

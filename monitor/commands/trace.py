@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from machine.trace import TraceError
 
-from . import INFO, CommandError, PlainError, command
+from . import INFO, PlainError, command
 
 
 @command("trace-event", "name:s,option:b", "name on|off",
