@@ -344,7 +344,9 @@ def crash_trials(snapdir, ops, name, min_during):
 
 def test_kill_during_savevm_and_delvm_quick(snapdir):
     ops = ["savevm", "delvm"] * 6
-    crash_trials(snapdir, ops, "quick", {"savevm": 1})
+    # Six kills need not land mid-write (they did not in one CI run: all after); the slow
+    # tests, with 60 trials each, require it. This one checks the outcomes, wherever they land.
+    crash_trials(snapdir, ops, "quick", {})
 
 
 @pytest.mark.slow
