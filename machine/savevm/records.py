@@ -214,6 +214,24 @@ MAX_BLOCK_RECORDS_NAME = 255
 _RAM_KIND_FLAGS = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_XBZRLE
 
 
+_PAGE = F.TARGET_PAGE_SIZE
+_PAGE_CONT = F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_CONTINUE
+_ZERO_CONT = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_CONTINUE
+_FLAGS = _PAGE - 1
+_Z8 = bytes(8)
+# ram_run() checks up to _RUN PAGE records' headers with one unpack: a first pass over RAM
+# sends them back to back, one page after another.
+_REC = _PAGE + 8
+_RUN = 256
+_RUN_MIN = 16
+_RUN_HEADERS: dict = {}
+
+
+def _run_headers(k: int) -> struct.Struct:
+    st = _RUN_HEADERS[k] = struct.Struct(">" + "Q4096x" * k)
+    return st
+
+
 class Parser:
     def __init__(self, describe, describe_v2=None, keep_vmdesc: bool = True):
         """``describe(idstr, instance_id, version_id)`` returns ``("ram", None)`` or
@@ -231,6 +249,7 @@ class Parser:
         self._skip_left = 0
         self._buf = bytearray()
         self._pos = 0
+        self._end = 0
         self._base = 0  # stream offset of _buf[0]
         self._eof = False
         self._state = _S_HEADER
@@ -240,12 +259,43 @@ class Parser:
         self._last_block: str | None = None
 
     # Input -----------------------------------------------------------------------------------
+    # The buffer is a bytearray of fixed capacity holding unread bytes in [_pos, _end). A
+    # source may read straight into its free space (``fill``), so a migration's pages are
+    # copied once from the kernel into the buffer and once from the buffer into guest RAM.
+    def _reserve(self, n: int) -> None:
+        """Make room for ``n`` more bytes after ``_end``, dropping what was consumed."""
+        buf, pos, end = self._buf, self._pos, self._end
+        if len(buf) - end >= n:
+            return
+        k = end - pos
+        if pos and len(buf) - k >= n:
+            buf[:k] = buf[pos:end]  # same length: never resizes, so views may exist
+        else:
+            new = bytearray(max(2 * len(buf), k + n, 1 << 16))
+            new[:k] = buf[pos:end]
+            self._buf = new
+        self._base += pos
+        self._pos = 0
+        self._end = k
+
     def feed(self, data) -> None:
-        if self._pos > (1 << 20) and self._pos * 2 > len(self._buf):
-            del self._buf[: self._pos]
-            self._base += self._pos
-            self._pos = 0
-        self._buf += data
+        n = len(data)
+        self._reserve(n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+
+    def fill(self, readinto, size: int = 4 << 20) -> int:
+        """Read up to ``size`` bytes into the buffer with ``readinto(memoryview) -> count``
+        (a socket's recv_into, a file's readinto); 0 means the source is exhausted."""
+        self._reserve(size)
+        with memoryview(self._buf) as mv:
+            part = mv[self._end:self._end + size]
+            try:
+                n = readinto(part) or 0
+            finally:
+                part.release()
+        self._end += n
+        return n
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -256,7 +306,7 @@ class Parser:
         return self._base + self._pos
 
     def _have(self, n: int) -> bool:
-        if len(self._buf) - self._pos >= n:
+        if self._end - self._pos >= n:
             return True
         if self._eof:
             where = f" in section '{self._current.idstr}'" if self._current else ""
@@ -295,6 +345,76 @@ class Parser:
             return End(self.offset)
         return None  # after End: nothing more, whatever is fed
 
+    def ram_run(self, idstr: str, size: int, mem=None, populate=None) -> int:
+        """The hot path of a migration: consume the plain records that follow in block
+        ``idstr`` (CONTINUE PAGE, and CONTINUE ZERO with a zero fill) whose pages lie inside
+        ``size``, writing them into ``mem`` when it is given. ``populate(addr, length)``, if
+        given, is called before a run of consecutive pages is written.
+
+        No record objects are made. Anything else (a named block, another flag, an offset out
+        of range, a record not wholly buffered) stops the run and is left for ``next()``,
+        which reports it as usual. Returns the number of records consumed."""
+        if self._state != _S_RAM or self._last_block != idstr:
+            return 0
+        buf, p, end = self._buf, self._pos, self._end
+        unpack = _BE64.unpack_from
+        count = 0
+        with memoryview(buf) as mv:
+            while True:
+                k = min(_RUN, (end - p) // _REC)
+                if k >= _RUN_MIN:
+                    st = _RUN_HEADERS.get(k) or _run_headers(k)
+                    words = st.unpack_from(buf, p)
+                    w0 = words[0]
+                    a0 = w0 - _PAGE_CONT
+                    span = k * _PAGE
+                    if (w0 & _FLAGS == _PAGE_CONT and a0 + span <= size
+                            and words == tuple(range(w0, w0 + span, _PAGE))):
+                        if mem is not None:
+                            if populate is not None:
+                                populate(a0, span)
+                            q = p + 8
+                            for a in range(a0, a0 + span, _PAGE):
+                                mem[a:a + _PAGE] = mv[q:q + _PAGE]
+                                q += _REC
+                        p += k * _REC
+                        count += k
+                        continue
+                # One record at a time for a while (mixed zero and normal pages, say).
+                stop = False
+                for _ in range(_RUN):
+                    left = end - p
+                    if left < 8:
+                        stop = True
+                        break
+                    (w,) = unpack(buf, p)
+                    flags = w & _FLAGS
+                    a = w - flags
+                    if flags == _PAGE_CONT:
+                        if left < _REC or a + _PAGE > size:
+                            stop = True
+                            break
+                        if mem is not None:
+                            mem[a:a + _PAGE] = mv[p + 8:p + 8 + _PAGE]
+                        p += _REC
+                    elif flags == _ZERO_CONT:
+                        if left < 9 or a + _PAGE > size or buf[p + 8]:
+                            stop = True
+                            break
+                        # Like QEMU, leave an already-zero page untouched (unallocated).
+                        if mem is not None and (mem[a:a + 8] != _Z8
+                                                or mem[a:a + _PAGE] != F.ZERO_PAGE):
+                            mem[a:a + _PAGE] = F.ZERO_PAGE
+                        p += 9
+                    else:
+                        stop = True
+                        break
+                    count += 1
+                if stop:
+                    break
+        self._pos = p
+        return count
+
     @property
     def done(self) -> bool:
         return self._state == _S_DONE
@@ -312,9 +432,9 @@ class Parser:
     # States ----------------------------------------------------------------------------------
     def _header(self):
         off = self.offset
-        if self._eof and len(self._buf) - self._pos < 8:
+        if self._eof and self._end - self._pos < 8:
             # QEMU reads zeros past the end of a short file: the magic check fails first.
-            head = bytes(self._buf[self._pos:]).ljust(8, b"\0")
+            head = bytes(self._buf[self._pos:self._end]).ljust(8, b"\0")
             if int.from_bytes(head[:4], "big") != F.QEMU_VM_FILE_MAGIC:
                 raise StreamError("Not a migration stream", off)
             raise StreamError("Unsupported migration stream version", off + 4)
@@ -386,7 +506,7 @@ class Parser:
         return V2Record(off, idstr, instance_id, version_id, length, kind, note)
 
     def _vmdesc_skip(self):
-        n = min(self._skip_left, len(self._buf) - self._pos)
+        n = min(self._skip_left, self._end - self._pos)
         self._pos += n
         self._skip_left -= n
         if self._skip_left:
@@ -397,7 +517,7 @@ class Parser:
         return VMDesc(self._vmdesc_off, b"")
 
     def _v2_skip(self):
-        n = min(self._skip_left, len(self._buf) - self._pos)
+        n = min(self._skip_left, self._end - self._pos)
         if n == 0 and self._skip_left:
             if self._eof:
                 raise StreamError("truncated stream: a v2 record ends early", self.offset)
@@ -639,7 +759,7 @@ class Parser:
 
     def _after_eof(self):
         off = self.offset
-        if len(self._buf) - self._pos < 1:
+        if self._end - self._pos < 1:
             if not self._eof:
                 return None
             self._state = _S_DONE

@@ -256,6 +256,14 @@ class Loader:
         self.parser.feed(data)
         self._drain()
 
+    def fill(self, readinto, size: int) -> int:
+        """Read up to ``size`` bytes from a source straight into the parser and load what they
+        complete; 0 when the source is exhausted (then call ``feed_eof``)."""
+        n = self.parser.fill(readinto, size)
+        if n:
+            self._drain()
+        return n
+
     def feed_eof(self):
         self.parser.feed_eof()
         self._drain()
@@ -267,7 +275,9 @@ class Loader:
         parser = self.parser
         ram = self.ram
         apply = self.apply
+        run = ram.run
         while not self.finished:
+            run(parser, apply)
             rec = parser.next()
             if rec is None:
                 return
