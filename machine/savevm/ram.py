@@ -3,6 +3,8 @@ dirty pages, END sends what is left. Zero pages go as ZERO records, others as PA
 
 from __future__ import annotations
 
+import mmap
+import struct
 import time
 
 from . import format as F
@@ -16,6 +18,64 @@ _FLAG_ZERO_CONT = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_CONTINUE
 _FLAG_PAGE_CONT = F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_CONTINUE
 # QEMU checks the clock every 64 pages inside an iterate round.
 _TIME_CHECK_PAGES = 64
+_WORDS = PAGE // 8
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+
+
+_BATCH = 256  # pages whose records are built at once
+
+
+def _batch_pages(max_bytes, sent) -> int:
+    """How many pages the next batch may hold: a byte budget is kept to within 64 pages."""
+    if max_bytes is None:
+        return _BATCH
+    return max(_TIME_CHECK_PAGES, min(_BATCH, (max_bytes - sent) // PAGE))
+
+
+_HEADERS: dict = {}
+
+
+def _headers(k: int) -> struct.Struct:
+    st = _HEADERS[k] = struct.Struct(f">{k}Q")
+    return st
+
+
+def _send_batch(w, mem, mv, words, p: int, e: int):
+    """Queue the records of pages [p, e) of a block already named (CONTINUE): ZERO for a zero
+    page, PAGE with a view of RAM for the others. Returns (zero pages, normal pages).
+
+    A page whose first word is not zero cannot be a zero page, so random RAM needs no compare
+    at all; its headers are packed in one call."""
+    firsts = words[p * _WORDS:e * _WORDS:_WORDS].tolist()
+    off0, offe = p * PAGE, e * PAGE
+    k = e - p
+    if 0 not in firsts:
+        hv = memoryview((_HEADERS.get(k) or _headers(k)).pack(
+            *range(off0 | _FLAG_PAGE_CONT, offe, PAGE)))
+        iov = [None] * (2 * k)
+        iov[0::2] = [hv[i:i + 8] for i in range(0, 8 * k, 8)]
+        iov[1::2] = [mv[o:o + PAGE] for o in range(off0, offe, PAGE)]
+        w.put_iov(iov, k * (PAGE + 8))
+        return 0, k
+    iov = []
+    small = bytearray()
+    zero_n = 0
+    off = off0
+    for f in firsts:
+        if not f and mem[off:off + PAGE] == _ZERO:
+            small += (off | _FLAG_ZERO_CONT).to_bytes(8, "big")
+            small.append(0)
+            zero_n += 1
+        else:
+            small += (off | _FLAG_PAGE_CONT).to_bytes(8, "big")
+            iov.append(bytes(small))
+            small.clear()
+            iov.append(mv[off:off + PAGE])
+        off += PAGE
+    if small:
+        iov.append(bytes(small))
+    w.put_iov(iov, zero_n * 9 + (k - zero_n) * (PAGE + 8))
+    return zero_n, k - zero_n
 
 
 class RamStats:
@@ -175,11 +235,10 @@ class RamSaveState:
         blk = self.block
         mem = blk.mem
         mv = memoryview(mem)
+        words = mv.cast("Q")  # a page's first 8 bytes are words[page * 512]
         bm = self.bitmap
         find = bm.find
         npages = blk.npages
-        small = w._small
-        put_ref = w.put_buffer_ref
         stats = self.stats
         start_bytes = w.bytes_written
         zero_n = normal_n = 0
@@ -200,51 +259,55 @@ class RamSaveState:
                 q = find(0, p)
                 if q < 0:
                     q = npages
-                for page in range(p, q):
-                    off = page * PAGE
+                while p < q:
                     if self.last_sent_block is blk and not xb:
-                        # The hot path: one compare, one header, one queued view of RAM.
-                        if mem[off:off + 8] == _Z8 and mem[off:off + PAGE] == _ZERO:
-                            small += (off | _FLAG_ZERO_CONT).to_bytes(8, "big")
-                            small.append(0)
-                            w.bytes_written += 9
-                            zero_n += 1
-                        else:
-                            small += (off | _FLAG_PAGE_CONT).to_bytes(8, "big")
-                            w.bytes_written += 8
-                            put_ref(mv[off:off + PAGE])
-                            normal_n += 1
-                    elif blk.is_zero_page(off):
-                        self._header(w, off, F.RAM_SAVE_FLAG_ZERO)
-                        w.put_u8(0)
-                        zero_n += 1
-                        if xb and not self.last_stage:
-                            # QEMU's xbzrle_cache_zero_page(): the cache must know it is zero
-                            slot = self.xbzrle.lookup(page)
-                            if slot is not None:
-                                self.xbzrle.data[slot * PAGE:(slot + 1) * PAGE] = _ZERO
+                        # The hot path: a batch of pages, their records built at once.
+                        e = min(q, p + _batch_pages(max_bytes, w.bytes_written - start_bytes))
+                        z, n = _send_batch(w, mem, mv, words, p, e)
+                        zero_n += z
+                        normal_n += n
+                        bm[p:e] = bytes(e - p)
+                        checked += e - p
+                        p = e
                     else:
-                        done = self._xbzrle_page(w, page, off) if xb else None
-                        if done is not True:
-                            self._header(w, off, F.RAM_SAVE_FLAG_PAGE)
-                            put_ref(mv[off:off + PAGE] if done is None else done)
-                            normal_n += 1
-                    bm[page] = 0
-                    checked += 1
-                    if checked % _TIME_CHECK_PAGES == 0:
-                        if len(small) > (1 << 20):
-                            w.flush()
-                        if ((deadline is not None and time.monotonic() >= deadline) or
-                                (max_bytes is not None
-                                 and w.bytes_written - start_bytes >= max_bytes)):
-                            self.cursor = page + 1
-                            return False
+                        self._send_page(w, mv, p, xb)
+                        bm[p] = 0
+                        checked += 1
+                        p += 1
+                        if checked % _TIME_CHECK_PAGES:
+                            continue
+                    if ((deadline is not None and time.monotonic() >= deadline) or
+                            (max_bytes is not None
+                             and w.bytes_written - start_bytes >= max_bytes)):
+                        self.cursor = p
+                        return False
                 pos = q
         finally:
             stats.zero_pages += zero_n
             stats.normal_pages += normal_n
             stats.bytes += w.bytes_written - start_bytes
+            words.release()
             mv.release()
+
+    def _send_page(self, w, mv, page, xb):
+        """One page the slow way: the block named, or XBZRLE in play."""
+        blk, stats = self.block, self.stats
+        off = page * PAGE
+        if blk.is_zero_page(off):
+            self._header(w, off, F.RAM_SAVE_FLAG_ZERO)
+            w.put_u8(0)
+            stats.zero_pages += 1
+            if xb and not self.last_stage:
+                # QEMU's xbzrle_cache_zero_page(): the cache must know it is zero
+                slot = self.xbzrle.lookup(page)
+                if slot is not None:
+                    self.xbzrle.data[slot * PAGE:(slot + 1) * PAGE] = _ZERO
+            return
+        done = self._xbzrle_page(w, page, off) if xb else None
+        if done is not True:
+            self._header(w, off, F.RAM_SAVE_FLAG_PAGE)
+            w.put_buffer_ref(mv[off:off + PAGE] if done is None else done)
+            stats.normal_pages += 1
 
     def _round_complete(self):
         if self.xbzrle is not None:
@@ -257,6 +320,23 @@ class RamLoadState:
     def __init__(self, block):
         self.block = block
         self._scratch = bytearray(PAGE)
+        self._can_populate = True
+
+    def run(self, parser, apply: bool) -> int:
+        """Let the parser copy a run of plain records straight into RAM (the hot path)."""
+        blk = self.block
+        if apply:
+            return parser.ram_run(blk.idstr, blk.size, blk.mem, self._populate)
+        return parser.ram_run(blk.idstr, blk.size)
+
+    def _populate(self, addr: int, length: int):
+        # One system call maps a run of pages about to be written; touching them one by one
+        # costs a page fault each, which was most of the destination's time.
+        if self._can_populate:
+            try:
+                self.block.mem.madvise(MADV_POPULATE_WRITE, addr, length)
+            except (OSError, ValueError):
+                self._can_populate = False  # a kernel before 5.14: fault them in as we go
 
     def _check_block(self, rec):
         blk = self.block
