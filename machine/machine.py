@@ -200,6 +200,11 @@ class Machine:
         self._requests.put(None)
         self._thread.join(5)
 
+    def wake(self):
+        """Cut short the machine thread's wait: a job that was waiting (for a writer thread, say)
+        can go on. Any thread may call it."""
+        self._requests.put(False)
+
     def add_listener(self, fn):
         self._listeners.append(fn)
 
@@ -216,7 +221,10 @@ class Machine:
         while not self._quit:
             busy = self.runstate == RunState.RUNNING or self.jobs
             try:
-                item = self._requests.get(timeout=TICK_S if busy else NOTIFY_S)
+                if any(getattr(job, "ready", False) for job in self.jobs):
+                    item = self._requests.get_nowait()  # a job has work: don't sleep
+                else:
+                    item = self._requests.get(timeout=TICK_S if busy else NOTIFY_S)
             except queue.Empty:
                 item = False
             while item is not False:

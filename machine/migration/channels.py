@@ -151,9 +151,13 @@ class ThreadedSink:
     thread is raised from the next ``writev`` or from ``close``.
     """
 
-    def __init__(self, sink, max_queued: int = 16 << 20):
+    def __init__(self, sink, max_queued: int = 16 << 20, on_space=None):
         self.sink = sink
         self.max_queued = max_queued
+        # Called from the writer thread, once, after a producer found the queue full (or asked
+        # with want_space()) and the queue has fallen to half: the producer need not poll.
+        self.on_space = on_space
+        self._space_wanted = False
         self.queued = 0
         self.sent = 0
         self.error: BaseException | None = None
@@ -167,7 +171,7 @@ class ThreadedSink:
             item = self._q.get()
             if item is None:
                 return
-            n = sum(len(b) for b in item)
+            item, n = item
             try:
                 if self.error is None:
                     self.sink.writev(item)
@@ -176,18 +180,31 @@ class ThreadedSink:
             with self._lock:
                 self.queued -= n
                 self.sent += n
+                wake = self._space_wanted and self.queued <= self.max_queued // 2
+                if wake:
+                    self._space_wanted = False
+            if wake and self.on_space is not None:
+                self.on_space()
 
     def writev(self, buffers):
         if self.error is not None:
             raise self.error
-        n = sum(len(b) for b in buffers)
+        n = sum(map(len, buffers))
         with self._lock:
             self.queued += n
-        self._q.put(list(buffers))
+        self._q.put((list(buffers), n))
 
     @property
     def full(self) -> bool:
-        return self.queued >= self.max_queued
+        if self.queued >= self.max_queued:
+            self.want_space()
+            return True
+        return False
+
+    def want_space(self):
+        """Ask for on_space once the queue has room again."""
+        with self._lock:
+            self._space_wanted = True
 
     def drain(self, timeout: float | None = None):
         """Wait until everything queued reached the underlying sink."""

@@ -89,6 +89,7 @@ class OutgoingMigration:
         self._connected = None  # the channel, once the connect thread has one
         self._connect_error: str | None = None
         self.phase = "setup"  # setup, iterate, switchover-wait, draining
+        self._waiting = False  # the last step was held back by the rate limit or a full queue
         self.committed = False  # the stream's EOF has been handed to the writer
         self.rp = None  # the return path's reader, with the return-path capability
 
@@ -122,6 +123,12 @@ class OutgoingMigration:
         self.st.status = S.CANCELLING
         self._finish(S.CANCELLED, None)
 
+    @property
+    def ready(self) -> bool:
+        """True when the next step has work to do at once, so the machine thread should not
+        sleep before it. A full queue wakes the machine thread itself once it has room."""
+        return self.phase == "iterate" and not self._waiting
+
     def step(self) -> bool:
         """One bounded step; False once the migration has ended."""
         st = self.st
@@ -153,7 +160,7 @@ class OutgoingMigration:
             return False
         if self._connected is None:
             return True
-        self.sink = ThreadedSink(self._connected)
+        self.sink = ThreadedSink(self._connected, on_space=self.machine.wake)
         w = StreamWriter(self.sink)
         self.out = OutgoingStream(self.machine, w, self.machine.trace,
                                   opt_in=("block",) if self.with_block else ())
@@ -207,7 +214,8 @@ class OutgoingMigration:
         limit = self.params["max-bandwidth"]
         window_budget = limit * BUFFER_DELAY_MS / 1000 if limit else float("inf")
         sent_in_window = out.w.bytes_written - self._window_written0
-        if sent_in_window >= window_budget or self.sink.full:
+        self._waiting = sent_in_window >= window_budget or self.sink.full
+        if self._waiting:
             return True  # rate limited (or the wire is behind): wait for the next window
         pending = self._pending()
         if pending < self._threshold:
@@ -215,6 +223,12 @@ class OutgoingMigration:
             pending = self._pending()
         st.remaining = ram.pending_pages() * 4096
         if pending and pending >= self._threshold:
+            if pending == self.sink.queued:
+                # Nothing dirty to send: only the wire is behind. Sleep until it has taken
+                # some (a busy loop here would starve the writer thread of the GIL).
+                self._waiting = True
+                self.sink.want_space()
+                return True
             budget = int(min(STEP_MAX_BYTES, window_budget - sent_in_window))
             before = ram.stats.bytes
             out.iterate(deadline=time.monotonic() + STEP_MAX_S, max_bytes=max(budget, 4096))
@@ -377,6 +391,7 @@ class OutgoingMigration:
         if self.sink.error is not None:
             raise self.sink.error
         if self.sink.queued:
+            self.sink.want_space()
             return True
         if not self.committed:
             # Everything but the EOF reached the wire: now the point of no return (without a

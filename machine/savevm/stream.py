@@ -47,19 +47,24 @@ class FdSink:
 
 def write_vectored(send, buffers, iov_max: int = 1024):
     """Write every buffer in order with a scatter-gather call (``send(list) -> bytes
-    written``: os.writev, socket.sendmsg), resuming after short writes."""
-    bufs = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while bufs:
-        chunk = bufs[:iov_max]
+    written``: os.writev, socket.sendmsg), resuming after short writes. Buffers are bytes-like
+    objects of single bytes (bytes, bytearray, memoryviews of format 'B')."""
+    i, end = 0, len(buffers)
+    while i < end:
+        chunk = buffers[i:i + iov_max]
         n = send(chunk)
-        # Drop what was written; a short write leaves part of one buffer.
-        i = 0
-        while i < len(chunk) and n >= len(chunk[i]):
-            n -= len(chunk[i])
+        if n == sum(map(len, chunk)):
+            i += len(chunk)
+            continue
+        # A short write: skip the buffers it took and go on with the rest of the one it cut.
+        for b in chunk:
+            if n < len(b):
+                break
+            n -= len(b)
             i += 1
-        del bufs[:i]
         if n:
-            bufs[0] = bufs[0][n:]
+            buffers = [memoryview(buffers[i])[n:]] + list(buffers[i + 1:end])
+            i, end = 0, len(buffers)
 
 
 class StreamWriter:
@@ -112,6 +117,19 @@ class StreamWriter:
             self._small.clear()
         self._queue.append(buf)
         n = len(buf)
+        self._queued += n
+        self.bytes_written += n
+        if len(self._queue) >= _FLUSH_BUFFERS or self._queued >= _FLUSH_BYTES:
+            self.flush()
+
+    def put_iov(self, buffers: list, n: int):
+        """Queue ready-made buffers (``n`` bytes in all) by reference, in order: a batch of
+        records built at once. The same rule as put_buffer_ref holds for what they view."""
+        if self._small:
+            self._queue.append(bytes(self._small))
+            self._queued += len(self._small)
+            self._small.clear()
+        self._queue += buffers
         self._queued += n
         self.bytes_written += n
         if len(self._queue) >= _FLUSH_BUFFERS or self._queued >= _FLUSH_BYTES:
