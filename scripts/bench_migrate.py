@@ -1,166 +1,39 @@
 #!/usr/bin/env python3
-"""Live migration of -m 1G random RAM over TCP loopback between two qmon processes.
+"""Live migration of RAM over TCP loopback: qmon to qmon, beside a raw socket and QEMU 7.2.
 
-In the same run, for reference: a raw Python socket transfer of the same bytes between two
-processes (the ceiling), and QEMU 7.2 doing the same migration when qemu-system-x86_64 is
-installed. Time is measured from the `migrate` command to the destination running. Prints the
-median of several runs and the ratios.
+Benchmarks 1, 2, 5, 6 and 7 of the performance issue. For each RAM size:
+- raw: a Python process sends the RAM file's bytes with sendall() to another Python process,
+  which receives them into fresh anonymous memory of the same size (the ceiling: the link and
+  the page copies, nothing else);
+- qmon: `migrate` between two qmon processes, timed from the command to the destination's
+  RESUME event, with `info migrate` round trips measured on both sides meanwhile, and each
+  side's peak resident memory read afterwards; the destination's RAM is then compared with the
+  source's, byte for byte;
+- QEMU 7.2 doing the same migration, when qemu-system-x86_64 is installed.
+Both programs get the same setup: the source's RAM is a file in /dev/shm (share=on), the
+destination's plain anonymous `-m` RAM, max-bandwidth lifted, the guest idle.
 
-    python scripts/bench_migrate.py [--size 1G] [--runs 3] [--no-qemu]
+    python scripts/bench_migrate.py [--sizes 1G] [--zero 0.9] [--runs 5] [--no-qemu] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from machine.units import format_size, parse_size  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fill_random(path: str, size: int):
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(64 << 20, left)
-            f.write(os.urandom(n))
-            left -= n
-
-
-class Monitor:
-    """A monitor on a process's stdin/stdout; watches the output for a line."""
-
-    def __init__(self, args, env=None):
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=env, bufsize=0)
-        self.buf = bytearray()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        while True:
-            data = os.read(self.proc.stdout.fileno(), 65536)
-            if not data:
-                return
-            with self.lock:
-                self.buf += data
-
-    def send(self, line: str):
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def seen(self, text: bytes) -> bool:
-        with self.lock:
-            return text in self.buf
-
-    def wait_seen(self, text: bytes, poll: str | None = None, timeout=120.0, every=0.005):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.seen(text):
-                return time.perf_counter()
-            if poll:
-                self.send(poll)
-            time.sleep(every)
-        raise TimeoutError(f"never saw {text!r}")
-
-    def clear(self):
-        with self.lock:
-            self.buf.clear()
-
-    def close(self):
-        try:
-            self.send("quit")
-        except (BrokenPipeError, OSError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def qmon(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return Monitor([sys.executable, "-m", "monitor.cli", *args], env)
-
-
-def migrate_once(src_cmd, dst_cmd, port, ready_poll) -> float:
-    dst = dst_cmd(port)
-    src = src_cmd()
-    try:
-        time.sleep(0.5)
-        src.send("migrate_set_parameter max-bandwidth 100G")
-        ready_poll(src)
-        dst.clear()
-        t0 = time.perf_counter()
-        src.send(f"migrate -d tcp:127.0.0.1:{port}")
-        t1 = dst.wait_seen(b"VM status: running", poll="info status")
-        return t1 - t0
-    finally:
-        src.close()
-        dst.close()
-
-
-def qmon_pair(ram_file, dst_file, size, work):
-    snaps = os.path.join(work, "snaps")
-
-    def src():
-        return qmon("-M", "none", "-m", str(size) + "B", "-mem-path", ram_file, "-workload",
-                    "idle", "-snapshot-dir", snaps)
-
-    def dst(port):
-        return qmon("-M", "none", "-m", str(size) + "B", "-mem-path", dst_file,
-                    "-incoming", f"tcp:127.0.0.1:{port}", "-snapshot-dir", snaps)
-
-    return src, dst
-
-
-def qemu_pair(qemu, ram_file, dst_file, size):
-    mb = size >> 20
-
-    def args(path):
-        return [qemu, "-M", "none", "-m", f"{mb}M", "-nodefaults", "-display", "none",
-                "-monitor", "stdio", "-object",
-                f"memory-backend-file,id=ram,size={mb}M,mem-path={path},share=on",
-                "-machine", "memory-backend=ram"]
-
-    def src():
-        return Monitor(args(ram_file))
-
-    def dst(port):
-        return Monitor(args(dst_file) + ["-incoming", f"tcp:127.0.0.1:{port}"])
-
-    return src, dst
-
-
-def sync_monitor(m: Monitor):
-    """Wait until the monitor has answered everything sent so far."""
-    marker = f"m{time.monotonic_ns()}"
-    m.send("info name")
-    m.send(f"nosuch_{marker}")
-    m.wait_seen(marker.encode())
-
+import benchlib as B
+from machine.units import format_size, parse_size
 
 RECEIVER = r"""
-import mmap, os, socket, sys, time
-path, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(fd, size)
-mem = mmap.mmap(fd, size); view = memoryview(mem)
+import mmap, socket, sys
+size, port = int(sys.argv[1]), int(sys.argv[2])
+mem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS); view = memoryview(mem)
 srv = socket.socket(); srv.bind(("127.0.0.1", port)); srv.listen(1)
 print("ready", flush=True)
 conn, _ = srv.accept()
@@ -172,73 +45,175 @@ while got < size:
 print(got, flush=True)
 """
 
+SENDER = r"""
+import mmap, socket, sys
+path, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+f = open(path, "rb"); view = memoryview(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
+sys.stdin.readline()
+with socket.create_connection(("127.0.0.1", port)) as s:
+    for off in range(0, size, 1 << 20):
+        s.sendall(view[off:off + (1 << 20)])
+"""
 
-def raw_socket_once(ram_file, dst_file, size) -> float:
-    import mmap
 
-    port = free_port()
-    rx = subprocess.Popen([sys.executable, "-c", RECEIVER, dst_file, str(size), str(port)],
+def raw_once(src_file: str, size: int) -> float:
+    port = B.free_port()
+    rx = subprocess.Popen([sys.executable, "-c", RECEIVER, str(size), str(port)],
                           stdout=subprocess.PIPE, text=True)
     assert rx.stdout.readline().strip() == "ready"
-    with open(ram_file, "rb") as f:
-        mem = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        view = memoryview(mem)
-        t0 = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            for off in range(0, size, 1 << 20):
-                s.sendall(view[off:off + (1 << 20)])
-            s.shutdown(socket.SHUT_WR)
-            got = int(rx.stdout.readline())
-        t1 = time.perf_counter()
-        view.release()
-        mem.close()
+    tx = subprocess.Popen([sys.executable, "-c", SENDER, src_file, str(size), str(port)],
+                          stdin=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # the sender has mapped the file
+    t0 = time.perf_counter()
+    tx.stdin.write("go\n")
+    tx.stdin.flush()
+    got = int(rx.stdout.readline())
+    t1 = time.perf_counter()
+    tx.wait()
     rx.wait()
-    assert got == size
+    if got != size:
+        raise SystemExit(f"raw socket: received {got} of {size} bytes")
     return t1 - t0
+
+
+def migrate_once(kind: str, src_file: str, size: int, work: str) -> dict:
+    """One migration; returns its time, the monitor round trips and both peak RSS."""
+    port = B.free_port()
+    if kind == "qmon":
+        common = ["-M", "none", "-m", f"{size}B", "-snapshot-dir", os.path.join(work, "snaps")]
+        src = B.qmon(*common, "-mem-path", src_file, "-workload", "idle")
+        dst = B.qmon(*common, "-incoming", f"tcp:127.0.0.1:{port}")
+    else:
+        common = ["-M", "none", "-m", f"{size >> 20}M"]
+        src = B.qemu(*common, *B.qemu_ram_file_args(src_file, size))
+        dst = B.qemu(*common, "-incoming", f"tcp:127.0.0.1:{port}")
+    try:
+        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
+        time.sleep(0.2)
+        polls = [B.Poller(src.probe), B.Poller(dst.probe)]
+        t0 = time.perf_counter()
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        t1 = dst.qmp.wait_event("RESUME")
+        lat_src, lat_dst = (p.stop() for p in polls)
+        info = src.qmp.cmd("query-migrate")
+        if info.get("status") != "completed":
+            time.sleep(0.5)
+            info = src.qmp.cmd("query-migrate")
+        result = {"time": t1 - t0, "lat_src": lat_src, "lat_dst": lat_dst,
+                  "rss_src": B.peak_rss(src.pid), "rss_dst": B.peak_rss(dst.pid),
+                  "status": info.get("status")}
+        if kind == "qmon":
+            out = os.path.join(B.SHM or work, "qmon-bench-dst.ram")
+            # Quoted: unquoted, "SIZE /path" would read as a division.
+            said = dst.qmp.hmp(f'pmemsave 0 {size} "{out}"')
+            if said.strip():
+                raise SystemExit(f"qmon: pmemsave: {said.strip()}")
+            same = B.same_files(src_file, out)
+            os.unlink(out)
+            if not same:
+                raise SystemExit("qmon: the destination's RAM differs from the source's")
+        return result
+    finally:
+        src.close()
+        dst.close()
+
+
+def run(sizes, zero: float, runs: int, use_qemu: bool) -> list:
+    qemu = use_qemu and B.qemu_binary()
+    work = tempfile.mkdtemp(prefix="qmon-bench-mig-")
+    rows = []
+    try:
+        for size in sizes:
+            src_file = os.path.join(B.SHM or work, f"qmon-bench-src-{os.getpid()}.ram")
+            B.fill_file(src_file, size, zero)
+            try:
+                res = {"raw": [], "qmon": [], "qemu": []}
+                for _ in range(runs):
+                    if not zero:
+                        res["raw"].append(raw_once(src_file, size))
+                    res["qmon"].append(migrate_once("qmon", src_file, size, work))
+                    if qemu:
+                        res["qemu"].append(migrate_once("qemu", src_file, size, work))
+            finally:
+                os.unlink(src_file)
+            rows.append(summarize(size, zero, runs, res))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def summarize(size, zero, runs, res) -> dict:
+    row = {"size": size, "zero": zero, "runs": runs,
+           "raw": B.median(res["raw"]) if res["raw"] else None}
+    for kind in ("qmon", "qemu"):
+        rs = res[kind]
+        if not rs:
+            row[kind] = None
+            continue
+        lat_src = [x for r in rs for x in r["lat_src"]]
+        lat_dst = [x for r in rs for x in r["lat_dst"]]
+        row[kind] = {
+            "time": B.median([r["time"] for r in rs]),
+            "times": [r["time"] for r in rs],
+            "lat_src_median": B.median(lat_src), "lat_src_p99": B.percentile(lat_src, 99),
+            "lat_dst_median": B.median(lat_dst), "lat_dst_p99": B.percentile(lat_dst, 99),
+            "lat_samples": len(lat_src) + len(lat_dst),
+            "rss_src": max(r["rss_src"] for r in rs), "rss_dst": max(r["rss_dst"] for r in rs),
+        }
+    return row
+
+
+def report(rows):
+    for row in rows:
+        size, q, e = row["size"], row["qmon"], row["qemu"]
+        what = "random RAM" if not row["zero"] else f"RAM {row['zero']:.0%} zero pages"
+        print(f"\n{format_size(size)} of {what} over TCP loopback, `migrate` to the destination "
+              f"running; median of {row['runs']} runs, {os.cpu_count()} CPUs")
+        if row["raw"]:
+            print(f"  {'raw Python socket (2 processes)':<32} {row['raw']:7.3f} s")
+        line = f"  {'qmon -> qmon':<32} {q['time']:7.3f} s"
+        if row["raw"]:
+            line += f"   {q['time'] / row['raw']:5.2f}x raw"
+        print(line + f"   ({format_size(int(size / q['time']))}/s)")
+        if e:
+            line = f"  {'QEMU 7.2 -> QEMU 7.2':<32} {e['time']:7.3f} s"
+            if row["raw"]:
+                line += f"   {e['time'] / row['raw']:5.2f}x raw"
+            print(line)
+            print(f"  {'qmon / QEMU':<32} {q['time'] / e['time']:7.2f}x")
+        else:
+            print("  QEMU 7.2: not installed (qemu-system-x86_64), not measured")
+        for name, r in (("qmon", q), ("QEMU", e)):
+            if not r:
+                continue
+            print(f"  {name} `info migrate` round trip: source median "
+                  f"{r['lat_src_median'] * 1000:.1f} ms, p99 {r['lat_src_p99'] * 1000:.1f} ms; "
+                  f"destination median {r['lat_dst_median'] * 1000:.1f} ms, p99 "
+                  f"{r['lat_dst_p99'] * 1000:.1f} ms ({r['lat_samples']} samples)")
+            print(f"  {name} peak RSS: source {r['rss_src'] >> 20} MiB, destination "
+                  f"{r['rss_dst'] >> 20} MiB (RAM {size >> 20} MiB)")
+    if len(rows) > 1:
+        print("\nScale (qmon time per GiB):")
+        per = [r["qmon"]["time"] / (r["size"] / (1 << 30)) for r in rows]
+        for r, p in zip(rows, per):
+            print(f"  {format_size(r['size']):>6}  {p:6.3f} s/GiB")
+        print(f"  spread: {max(per) / min(per) - 1:.1%} (max/min - 1)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="1G")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="1G", help="comma-separated RAM sizes (256M,1G,4G)")
+    ap.add_argument("--zero", type=float, default=0.0, help="share of zero pages (0.9)")
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    size = parse_size(args.size)
-    qemu = None if args.no_qemu else shutil.which("qemu-system-x86_64")
-    work = tempfile.mkdtemp(prefix="qmon-bench-mig-")
-    try:
-        ram_file = os.path.join(work, "src.ram")
-        dst_file = os.path.join(work, "dst.ram")
-        fill_random(ram_file, size)
-        results = {"raw": [], "qmon": [], "qemu": []}
-        for _ in range(args.runs):
-            results["raw"].append(raw_socket_once(ram_file, dst_file, size))
-            os.unlink(dst_file)
-            src, dst = qmon_pair(ram_file, dst_file, size, work)
-            results["qmon"].append(migrate_once(src, dst, free_port(), sync_monitor))
-            with open(ram_file, "rb") as a, open(dst_file, "rb") as b:
-                same = a.read() == b.read()
-            if not same:
-                raise SystemExit("qmon: destination RAM differs from the source")
-            os.unlink(dst_file)
-            if qemu:
-                src, dst = qemu_pair(qemu, ram_file, dst_file, size)
-                results["qemu"].append(migrate_once(src, dst, free_port(), sync_monitor))
-                os.unlink(dst_file)
-        med = {k: statistics.median(v) for k, v in results.items() if v}
-        print(f"{format_size(size)} of random RAM over TCP loopback, migrate -> destination "
-              f"running, median of {args.runs} runs, {os.cpu_count()} CPUs")
-        print(f"{'raw Python socket (2 processes)':<34} {med['raw']:7.3f} s")
-        print(f"{'qmon -> qmon':<34} {med['qmon']:7.3f} s   "
-              f"{med['qmon'] / med['raw']:5.2f}x raw")
-        if "qemu" in med:
-            print(f"{'QEMU 7.2 -> QEMU 7.2':<34} {med['qemu']:7.3f} s   "
-                  f"{med['qemu'] / med['raw']:5.2f}x raw")
-            print(f"{'qmon / QEMU':<34} {med['qmon'] / med['qemu']:7.2f}x")
-        else:
-            print("QEMU 7.2: not installed (qemu-system-x86_64), not measured")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    rows = run(sizes, args.zero, args.runs, not args.no_qemu)
+    report(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

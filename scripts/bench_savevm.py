@@ -1,92 +1,118 @@
 #!/usr/bin/env python3
-"""savevm and loadvm of -m 1G random RAM, beside `cp` of a 1 GiB file, in the same run.
+"""savevm and loadvm of -m 1G random RAM: qmon beside QEMU 7.2 saving into a qcow2 image.
 
-Prints the median of several runs of each, and qmon's ratios to the copy. The RAM is a
--mem-path file filled with random bytes, so every page is a PAGE record.
+Benchmark 3 of the performance issue. Both programs run as processes driven over QMP
+(human-monitor-command `savevm bench`, `loadvm bench`), timed from the command to its reply.
+Their RAM is the same file of random bytes in /dev/shm; qmon's snapshot store and QEMU's qcow2
+image (`-drive file=x.qcow2,if=none`) sit side by side in one directory on disk. Both make the
+snapshot durable before they answer (qmon fsyncs its stream file, QEMU flushes the image).
+Beside them, `cp` of the RAM file into that directory with and without a sync.
 
-    python scripts/bench_savevm.py [--size 1G] [--runs 3] [--dir DIR]
+    python scripts/bench_savevm.py [--size 1G] [--runs 5] [--dir DIR] [--no-qemu] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from machine.machine import Machine  # noqa: E402
-from machine.snapshots import SnapshotStore  # noqa: E402
-from machine.units import format_size, parse_size  # noqa: E402
+import benchlib as B
+from machine.units import format_size, parse_size
 
 
-def fill_random(path: str, size: int):
-    chunk = 64 << 20
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(chunk, left)
-            f.write(os.urandom(n))
-            left -= n
-
-
-def timed(fn) -> float:
+def timed_hmp(vm, line: str) -> float:
     t = time.perf_counter()
-    fn()
+    said = vm.qmp.hmp(line).strip()
+    dt = time.perf_counter() - t
+    if said:
+        raise SystemExit(f"{line}: {said}")
+    return dt
+
+
+def timed_run(cmd: list) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
     return time.perf_counter() - t
+
+
+def run(size: int, runs: int, work: str, use_qemu: bool) -> dict:
+    ram = os.path.join(B.SHM or work, f"qmon-bench-save-{os.getpid()}.ram")
+    B.fill_file(ram, size)
+    res = {"cp": [], "cp_sync": [], "qmon_save": [], "qmon_load": [], "qemu_save": [],
+           "qemu_load": []}
+    vms = []
+    try:
+        vms.append(("qmon", B.qmon("-M", "none", "-m", f"{size}B", "-mem-path", ram,
+                                   "-workload", "idle",
+                                   "-snapshot-dir", os.path.join(work, "snapshots"))))
+        if use_qemu and B.qemu_binary():
+            image = os.path.join(work, "x.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image,
+                            str(2 * size)], check=True)
+            vms.append(("qemu", B.qemu("-M", "none", "-m", f"{size >> 20}M",
+                                       *B.qemu_ram_file_args(ram, size), "-drive",
+                                       f"file={image},if=none,id=d0,format=qcow2")))
+        # One untimed round each: the first write of a file pays for its blocks.
+        for _, vm in vms:
+            timed_hmp(vm, "savevm bench")
+        copy = os.path.join(work, "copy.bin")
+        subprocess.run(["cp", ram, copy], check=True)
+        for _ in range(runs):
+            os.unlink(copy)
+            subprocess.run(["sync"], check=True)
+            res["cp"].append(timed_run(["cp", ram, copy]))
+            os.unlink(copy)
+            subprocess.run(["sync"], check=True)
+            res["cp_sync"].append(timed_run(["sh", "-c", f"cp '{ram}' '{copy}' && sync '{copy}'"]))
+            for name, vm in vms:
+                subprocess.run(["sync"], check=True)
+                res[f"{name}_save"].append(timed_hmp(vm, "savevm bench"))
+                res[f"{name}_load"].append(timed_hmp(vm, "loadvm bench"))
+    finally:
+        for _, vm in vms:
+            vm.close()
+        os.unlink(ram)
+    return {k: B.median(v) if v else None for k, v in res.items()} | {"size": size,
+                                                                       "runs": runs}
+
+
+def report(r: dict):
+    print(f"\nsavevm / loadvm of {format_size(r['size'])} of random RAM, median of {r['runs']} "
+          f"runs, {os.cpu_count()} CPUs")
+    print(f"  {'cp of the RAM file':<30} {r['cp']:7.3f} s")
+    print(f"  {'cp + sync':<30} {r['cp_sync']:7.3f} s")
+    for op in ("save", "load"):
+        q, e = r[f"qmon_{op}"], r[f"qemu_{op}"]
+        line = f"  {'qmon ' + op + 'vm':<30} {q:7.3f} s"
+        if e:
+            line += f"   QEMU 7.2 (qcow2) {e:7.3f} s   qmon/QEMU {q / e:5.2f}x"
+        print(line)
+    if not r["qemu_save"]:
+        print("  QEMU 7.2: not installed (qemu-system-x86_64), not measured")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dir", default=None, help="where to put RAM, snapshots and copies")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where the snapshots go (a disk, not tmpfs)")
+    ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    size = parse_size(args.size)
-    work = tempfile.mkdtemp(prefix="qmon-bench-", dir=args.dir)
+    work = tempfile.mkdtemp(prefix="qmon-bench-save-", dir=args.dir)
     try:
-        ram_file = os.path.join(work, "ram.bin")
-        fill_random(ram_file, size)
-        machine = Machine("none", size, mem_path=ram_file, workload="idle")
-        machine.start(paused=True)
-        store = SnapshotStore(os.path.join(work, "snapshots"))
-
-        cp, cp_sync, save, load = [], [], [], []
-        # One untimed round first: the random file's own write-back and the page cache would
-        # otherwise land on whichever timing comes first.
-        warm = os.path.join(work, "warm.bin")
-        subprocess.run(["sh", "-c", f"cp '{ram_file}' '{warm}' && sync"], check=True)
-        os.unlink(warm)
-        machine.run(machine.save_snapshot, store, "bench")
-        subprocess.run(["sync"], check=True)
-        for i in range(args.runs):
-            dst = os.path.join(work, "copy.bin")
-            cp.append(timed(lambda: subprocess.run(["cp", ram_file, dst], check=True)))
-            os.unlink(dst)
-            cp_sync.append(timed(lambda: subprocess.run(
-                ["sh", "-c", f"cp '{ram_file}' '{dst}' && sync '{dst}'"], check=True)))
-            os.unlink(dst)
-            save.append(timed(lambda: machine.run(machine.save_snapshot, store, "bench")))
-            load.append(timed(lambda: machine.run(machine.load_snapshot, store, "bench")))
-        size_on_disk = store.find("bench").vm_state_size
-        machine.shutdown()
-
-        med = statistics.median
-        print(f"RAM {format_size(size)} of random bytes, stream {size_on_disk} bytes, "
-              f"{args.runs} runs, medians, {os.cpu_count()} CPUs")
-        print(f"{'cp of the RAM file':<28} {med(cp):7.3f} s")
-        print(f"{'cp + sync (fsync)':<28} {med(cp_sync):7.3f} s")
-        print(f"{'qmon savevm (with fsync)':<28} {med(save):7.3f} s   "
-              f"{med(save) / med(cp):5.2f}x cp   {med(save) / med(cp_sync):5.2f}x cp+sync")
-        print(f"{'qmon loadvm (check + apply)':<28} {med(load):7.3f} s   "
-              f"{med(load) / med(cp):5.2f}x cp")
+        r = run(parse_size(args.size), args.runs, work, not args.no_qemu)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    report(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
 
 
 if __name__ == "__main__":
