@@ -19,7 +19,9 @@ _FLAG_PAGE_CONT = F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_CONTINUE
 # QEMU checks the clock every 64 pages inside an iterate round.
 _TIME_CHECK_PAGES = 64
 _WORDS = PAGE // 8
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_populate = [True]  # False once the kernel has said it cannot
 
 
 _BATCH = 256  # pages whose records are built at once
@@ -46,8 +48,15 @@ def _send_batch(w, mem, mv, words, p: int, e: int):
 
     A page whose first word is not zero cannot be a zero page, so random RAM needs no compare
     at all; its headers are packed in one call."""
-    firsts = words[p * _WORDS:e * _WORDS:_WORDS].tolist()
     off0, offe = p * PAGE, e * PAGE
+    if _populate[0]:
+        # Map the batch's pages in one call: reading them one by one from a -mem-path file
+        # cost a page fault each, a third of the sender's time.
+        try:
+            mem.madvise(MADV_POPULATE_READ, off0, offe - off0)
+        except (OSError, ValueError):
+            _populate[0] = False  # a kernel before 5.14
+    firsts = words[p * _WORDS:e * _WORDS:_WORDS].tolist()
     k = e - p
     if 0 not in firsts:
         hv = memoryview((_HEADERS.get(k) or _headers(k)).pack(

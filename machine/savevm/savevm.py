@@ -358,15 +358,12 @@ class ApplyError(Exception):
 
 
 def _feed_file(loader, f, chunk):
-    while True:
-        data = f.read(chunk)
-        if not data:
-            break
-        loader.feed(data)
+    while loader.fill(f.readinto, chunk):
+        pass
     loader.feed_eof()
 
 
-def check_then_load(machine, f, trace=None, chunk: int = 1 << 20):
+def check_then_load(machine, f, trace=None, chunk: int = 4 << 20):
     """All-or-nothing load from a seekable binary file.
 
     The first pass checks every record and stages device state without writing anything (a
