@@ -88,7 +88,7 @@ class OutgoingMigration:
         self.continue_requested = False
         self._connected = None  # the channel, once the connect thread has one
         self._connect_error: str | None = None
-        self.phase = "setup"  # setup, iterate, switchover-wait, draining
+        self.phase = "setup"  # setup, iterate, switchover-wait, completing, draining
         self._waiting = False  # the last step was held back by the rate limit or a full queue
         self.committed = False  # the stream's EOF has been handed to the writer
         self.rp = None  # the return path's reader, with the return-path capability
@@ -127,7 +127,7 @@ class OutgoingMigration:
     def ready(self) -> bool:
         """True when the next step has work to do at once, so the machine thread should not
         sleep before it. A full queue wakes the machine thread itself once it has room."""
-        return self.phase == "iterate" and not self._waiting
+        return self.phase in ("iterate", "completing") and not self._waiting
 
     def step(self) -> bool:
         """One bounded step; False once the migration has ended."""
@@ -143,6 +143,8 @@ class OutgoingMigration:
                     self.machine.emit_migration_status(S.DEVICE)
                     self._send_rest()
                 return True
+            if self.phase == "completing":
+                return self._complete_step()
             if self.phase == "draining":
                 return self._wait_drained()
         except ChannelError as e:
@@ -378,14 +380,33 @@ class OutgoingMigration:
         self._send_rest()  # QEMU stays 'active' through the final stage
 
     def _send_rest(self):
+        self.phase = "completing"
+        self._waiting = False
+        self._final = self.out.complete_steps(hold_eof=True, step_s=STEP_MAX_S,
+                                              step_bytes=STEP_MAX_BYTES)
+
+    def _complete_step(self) -> bool:
+        """One share of the final stage (guest stopped), as an iterate step is one of a pass."""
+        if self.sink.error is not None:
+            raise self.sink.error
+        self._waiting = self.sink.full
+        if self._waiting:
+            return True
+        try:
+            next(self._final)
+            self.out.w.flush()
+            self._count()
+            return True
+        except StopIteration:
+            pass
         self.phase = "draining"
-        self.out.complete(hold_eof=True)
         self.out.cleanup()
         if self.caps.get("events"):
             self.machine.emit_event("MIGRATION_PASS", {"pass": self.ram.stats.dirty_sync_count})
         self._count()
         self.st.downtime_bytes += self.ram.stats.bytes - self._bytes_at_stop
         self._end_pass(S.now_ms(), 0)
+        return True
 
     def _wait_drained(self) -> bool:
         if self.sink.error is not None:

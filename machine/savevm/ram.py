@@ -191,9 +191,16 @@ class RamSaveState:
         return done
 
     def complete(self, w):
+        for _ in self.complete_steps(w):
+            pass
+
+    def complete_steps(self, w, step_s=None, step_bytes=None):
+        """The END section's pages, yielding between shares (see OutgoingStream)."""
         self.last_stage = True
         self.sync()
-        self._send(w, None, None)
+        while not self._send(w, None if step_s is None else time.monotonic() + step_s,
+                             step_bytes):
+            yield
         w.put_be64(F.RAM_SAVE_FLAG_EOS)
 
     def _header(self, w, off, flag):

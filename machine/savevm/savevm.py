@@ -104,12 +104,24 @@ class OutgoingStream:
         """END for live sections, FULL for devices, EOF, vmdesc. The guest must be stopped.
         With ``hold_eof`` the EOF and vmdesc wait for ``finish()``: until that last byte goes,
         a destination cannot complete, so the source may still call the migration off."""
+        for _ in self.complete_steps(hold_eof):
+            pass
+
+    def complete_steps(self, hold_eof: bool = False, step_s=None, step_bytes=None):
+        """complete() as a generator that yields after each share (``step_s`` seconds or
+        ``step_bytes`` bytes) of the pages left, so that a migration's machine thread answers
+        the monitor, and its writer thread gets the wire, while hundreds of MiB go out. The
+        bytes are the same: nothing else is written to the stream between the shares."""
         self.trace("savevm_state_complete_precopy")
         w = self.w
         for se, state in self.live:
             self.trace("savevm_section_start", se.idstr, se.section_id)
             _section_header(w, se, F.QEMU_VM_SECTION_END)
-            state.complete(w)
+            steps = getattr(state, "complete_steps", None)
+            if steps is None:
+                state.complete(w)
+            else:
+                yield from steps(w, step_s, step_bytes)
             _section_footer(w, se)
             self.trace("savevm_section_end", se.idstr, se.section_id, 0)
         devices = []
