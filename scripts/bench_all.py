@@ -58,7 +58,7 @@ def main():
         save = bench("bench_savevm.py", j("save"), *runs, *q)
         dirty = bench("bench_dirty.py", j("dirty"), *runs)
         scale = bench("bench_migrate.py", j("scale"), "--sizes", "256M,1G,4G", "--runs",
-                      str(args.scale_runs), "--no-qemu")
+                      str(args.scale_runs), "--no-qemu", "--no-probe")
 
     rows = []
     qm, qe, raw = mig["qmon"], mig["qemu"], mig["raw"]

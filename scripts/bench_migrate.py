@@ -6,9 +6,10 @@ Benchmarks 1, 2, 5, 6 and 7 of the performance issue. For each RAM size:
   which receives them into fresh anonymous memory of the same size (the ceiling: the link and
   the page copies, nothing else);
 - qmon: `migrate` between two qmon processes, timed from the command to the destination's
-  RESUME event, with `info migrate` round trips measured on both sides meanwhile, and each
-  side's peak resident memory read afterwards; the destination's RAM is then compared with the
-  source's, byte for byte;
+  RESUME event; the destination's RAM is then compared with the source's, byte for byte. In
+  as many runs again, `info migrate` is sent on both sides every 5 ms and each round trip
+  kept (these runs are timed apart: the probing costs CPU). Each side's peak resident memory
+  is read after every run;
 - QEMU 7.2 doing the same migration, when qemu-system-x86_64 is installed.
 Both programs get the same setup: the source's RAM is a file in /dev/shm (share=on), the
 destination's plain anonymous `-m` RAM, max-bandwidth lifted, the guest idle.
@@ -76,8 +77,9 @@ def raw_once(src_file: str, size: int) -> float:
     return t1 - t0
 
 
-def migrate_once(kind: str, src_file: str, size: int, work: str) -> dict:
-    """One migration; returns its time, the monitor round trips and both peak RSS."""
+def migrate_once(kind: str, src_file: str, size: int, work: str, probe: bool) -> dict:
+    """One migration; returns its time and both peak RSS, and with ``probe`` the round trips
+    of `info migrate` sent on both sides meanwhile (else the destination's RAM is checked)."""
     port = B.free_port()
     if kind == "qmon":
         common = ["-M", "none", "-m", f"{size}B", "-snapshot-dir", os.path.join(work, "snaps")]
@@ -90,11 +92,11 @@ def migrate_once(kind: str, src_file: str, size: int, work: str) -> dict:
     try:
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
         time.sleep(0.2)
-        polls = [B.Poller(src.probe), B.Poller(dst.probe)]
+        polls = [B.Poller(src.probe), B.Poller(dst.probe)] if probe else []
         t0 = time.perf_counter()
         src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         t1 = dst.qmp.wait_event("RESUME")
-        lat_src, lat_dst = (p.stop() for p in polls)
+        lat_src, lat_dst = (p.stop() for p in polls) if probe else ([], [])
         info = src.qmp.cmd("query-migrate")
         if info.get("status") != "completed":
             time.sleep(0.5)
@@ -102,7 +104,7 @@ def migrate_once(kind: str, src_file: str, size: int, work: str) -> dict:
         result = {"time": t1 - t0, "lat_src": lat_src, "lat_dst": lat_dst,
                   "rss_src": B.peak_rss(src.pid), "rss_dst": B.peak_rss(dst.pid),
                   "status": info.get("status")}
-        if kind == "qmon":
+        if kind == "qmon" and not probe:
             out = os.path.join(B.SHM or work, "qmon-bench-dst.ram")
             # Quoted: unquoted, "SIZE /path" would read as a division.
             said = dst.qmp.hmp(f'pmemsave 0 {size} "{out}"')
@@ -118,7 +120,7 @@ def migrate_once(kind: str, src_file: str, size: int, work: str) -> dict:
         dst.close()
 
 
-def run(sizes, zero: float, runs: int, use_qemu: bool) -> list:
+def run(sizes, zero: float, runs: int, use_qemu: bool, probe: bool = True) -> list:
     qemu = use_qemu and B.qemu_binary()
     work = tempfile.mkdtemp(prefix="qmon-bench-mig-")
     rows = []
@@ -127,13 +129,18 @@ def run(sizes, zero: float, runs: int, use_qemu: bool) -> list:
             src_file = os.path.join(B.SHM or work, f"qmon-bench-src-{os.getpid()}.ram")
             B.fill_file(src_file, size, zero)
             try:
-                res = {"raw": [], "qmon": [], "qemu": []}
+                res = {"raw": [], "qmon": [], "qemu": [], "qmon_probed": [],
+                       "qemu_probed": []}
+                kinds = ["qmon"] + (["qemu"] if qemu else [])
                 for _ in range(runs):
                     if not zero:
                         res["raw"].append(raw_once(src_file, size))
-                    res["qmon"].append(migrate_once("qmon", src_file, size, work))
-                    if qemu:
-                        res["qemu"].append(migrate_once("qemu", src_file, size, work))
+                    for kind in kinds:
+                        res[kind].append(migrate_once(kind, src_file, size, work, False))
+                    if probe:
+                        for kind in kinds:
+                            res[kind + "_probed"].append(
+                                migrate_once(kind, src_file, size, work, True))
             finally:
                 os.unlink(src_file)
             rows.append(summarize(size, zero, runs, res))
@@ -150,11 +157,14 @@ def summarize(size, zero, runs, res) -> dict:
         if not rs:
             row[kind] = None
             continue
-        lat_src = [x for r in rs for x in r["lat_src"]]
-        lat_dst = [x for r in rs for x in r["lat_dst"]]
+        probed = res[kind + "_probed"]
+        lat_src = [x for r in probed for x in r["lat_src"]]
+        lat_dst = [x for r in probed for x in r["lat_dst"]]
+        rs = rs + probed  # peak memory over every run
         row[kind] = {
-            "time": B.median([r["time"] for r in rs]),
-            "times": [r["time"] for r in rs],
+            "time": B.median([r["time"] for r in res[kind]]),
+            "times": [r["time"] for r in res[kind]],
+            "time_probed": B.median([r["time"] for r in probed]),
             "lat_src_median": B.median(lat_src), "lat_src_p99": B.percentile(lat_src, 99),
             "lat_dst_median": B.median(lat_dst), "lat_dst_p99": B.percentile(lat_dst, 99),
             "lat_samples": len(lat_src) + len(lat_dst),
@@ -184,8 +194,10 @@ def report(rows):
         else:
             print("  QEMU 7.2: not installed (qemu-system-x86_64), not measured")
         for name, r in (("qmon", q), ("QEMU", e)):
-            if not r:
+            if not r or not r["lat_samples"]:
                 continue
+            print(f"  {name}, in runs with `info migrate` sent every 5 ms on both sides: "
+                  f"{r['time_probed']:.3f} s")
             print(f"  {name} `info migrate` round trip: source median "
                   f"{r['lat_src_median'] * 1000:.1f} ms, p99 {r['lat_src_p99'] * 1000:.1f} ms; "
                   f"destination median {r['lat_dst_median'] * 1000:.1f} ms, p99 "
@@ -206,10 +218,12 @@ def main():
     ap.add_argument("--zero", type=float, default=0.0, help="share of zero pages (0.9)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="skip the runs that measure the monitor's latency")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    rows = run(sizes, args.zero, args.runs, not args.no_qemu)
+    rows = run(sizes, args.zero, args.runs, not args.no_qemu, not args.no_probe)
     report(rows)
     if args.json:
         with open(args.json, "w") as f:
