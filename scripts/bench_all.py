@@ -17,11 +17,15 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def bench(script: str, out: str, *args) -> dict:
+    # Let the disk write back what the last benchmark wrote before this one is timed.
+    subprocess.run(["sync"], check=False)
+    time.sleep(2)
     subprocess.run([sys.executable, os.path.join(HERE, script), "--json", out, *args],
                    check=True)
     with open(out) as f:
