@@ -348,8 +348,9 @@ class Parser:
     def ram_run(self, idstr: str, size: int, mem=None, populate=None) -> int:
         """The hot path of a migration: consume the plain records that follow in block
         ``idstr`` (CONTINUE PAGE, and CONTINUE ZERO with a zero fill) whose pages lie inside
-        ``size``, writing them into ``mem`` when it is given. ``populate(addr, length)``, if
-        given, is called before a run of consecutive pages is written.
+        ``size``, writing them into ``mem`` when it is given. ``populate(addr, length, write)``,
+        if given, is called before a run of consecutive pages is written (``write`` true) and
+        before a zero page is read to see whether it needs clearing (false).
 
         No record objects are made. Anything else (a named block, another flag, an offset out
         of range, a record not wholly buffered) stops the run and is left for ``next()``,
@@ -372,7 +373,7 @@ class Parser:
                             and words == tuple(range(w0, w0 + span, _PAGE))):
                         if mem is not None:
                             if populate is not None:
-                                populate(a0, span)
+                                populate(a0, span, True)
                             q = p + 8
                             for a in range(a0, a0 + span, _PAGE):
                                 mem[a:a + _PAGE] = mv[q:q + _PAGE]
@@ -402,9 +403,11 @@ class Parser:
                             stop = True
                             break
                         # Like QEMU, leave an already-zero page untouched (unallocated).
-                        if mem is not None and (mem[a:a + 8] != _Z8
-                                                or mem[a:a + _PAGE] != F.ZERO_PAGE):
-                            mem[a:a + _PAGE] = F.ZERO_PAGE
+                        if mem is not None:
+                            if populate is not None:
+                                populate(a, _PAGE, False)
+                            if mem[a:a + 8] != _Z8 or mem[a:a + _PAGE] != F.ZERO_PAGE:
+                                mem[a:a + _PAGE] = F.ZERO_PAGE
                         p += 9
                     else:
                         stop = True
