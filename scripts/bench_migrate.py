@@ -149,7 +149,7 @@ def run(sizes, zero: float, runs: int, use_qemu: bool, probe: bool = True) -> li
                                 migrate_once(kind, src_file, size, work, True))
             finally:
                 os.unlink(src_file)
-            rows.append(summarize(size, zero, runs, res))
+            rows.append(summarize(size, zero, runs, res) | {"qemu_wanted": use_qemu})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -197,6 +197,8 @@ def report(rows):
                 line += f"   {e['time'] / row['raw']:5.2f}x raw"
             print(line)
             print(f"  {'qmon / QEMU':<32} {q['time'] / e['time']:7.2f}x")
+        elif not row["qemu_wanted"]:
+            print("  QEMU 7.2: not measured (--no-qemu)")
         else:
             print("  QEMU 7.2: not installed (qemu-system-x86_64), not measured")
         for name, r in (("qmon", q), ("QEMU", e)):

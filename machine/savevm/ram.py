@@ -131,6 +131,7 @@ class RamSaveState:
     def __init__(self, block):
         self.block = block
         self.bitmap = bytearray()
+        self.dirty_pages = 0  # pages set in the bitmap: counting them each step cost O(RAM) a step
         self.cursor = 0
         self.last_sent_block = None
         self.stats = RamStats()
@@ -153,17 +154,19 @@ class RamSaveState:
             bm_int = int.from_bytes(bm, "little")
             newly = (log_int & ~bm_int).bit_count()
             bm[:] = (bm_int | log_int).to_bytes(n, "little")
+            self.dirty_pages += newly
             log[:] = bytes(n)
         self.stats.dirty_sync_count += 1
         self.stats.dirtied_last_sync = newly
 
     def pending_pages(self) -> int:
-        return self.bitmap.count(1)
+        return self.dirty_pages
 
     def setup(self, w):
         blk = self.block
         # Every page starts dirty, and the guest's own log restarts from here.
         self.bitmap = bytearray(b"\x01") * blk.npages
+        self.dirty_pages = blk.npages
         blk.dirty[:] = bytes(blk.npages)
         self.stats.dirty_sync_count = 1
         # QEMU counts page records and each iterate round's EOS as transferred ram, not the
@@ -178,6 +181,7 @@ class RamSaveState:
         list, every page, EOS."""
         blk = self.block
         self.bitmap = bytearray(b"\x01") * blk.npages
+        self.dirty_pages = blk.npages
         w.put_be64(blk.size | F.RAM_SAVE_FLAG_MEM_SIZE)
         w.put_counted(blk.idstr.encode())
         w.put_be64(blk.size)
@@ -293,11 +297,13 @@ class RamSaveState:
                         zero_n += z
                         normal_n += n
                         bm[p:e] = bytes(e - p)
+                        self.dirty_pages -= e - p
                         checked += e - p
                         p = e
                     else:
                         self._send_page(w, mv, p, xb)
                         bm[p] = 0
+                        self.dirty_pages -= 1
                         checked += 1
                         p += 1
                         if checked % _TIME_CHECK_PAGES:

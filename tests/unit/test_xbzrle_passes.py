@@ -85,3 +85,30 @@ def test_a_page_that_turns_zero_and_comes_back():
     loader.feed(w.sink.data)
     loader.feed_eof()
     assert dst.ram.read(page, 4096) == steps[-1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_dirty_page_count_follows_the_bitmap(seed):
+    """pending_pages() is a running count (counting the bitmap each step cost O(RAM) a step):
+    through syncs, budgeted rounds and the batch and one-page paths it must equal the bitmap."""
+    from machine.ram import RAMBlock
+    from machine.savevm.ram import RamSaveState
+    from machine.savevm.stream import BytesSink
+
+    rng = random.Random(seed)
+    blk = RAMBlock("pc.ram", 2 << 20)
+    for _ in range(100):
+        page = rng.randrange(blk.npages)
+        blk.write(page * 4096, bytes([rng.randrange(1, 256)]) * rng.choice((8, 4096)))
+    st = RamSaveState(blk)
+    w = StreamWriter(BytesSink())
+    st.setup(w)
+    for _ in range(30):
+        assert st.pending_pages() == st.bitmap.count(1)
+        st.iterate(w, max_bytes=rng.choice((4096, 64 << 10, 1 << 20)))
+        assert st.pending_pages() == st.bitmap.count(1)
+        for _ in range(rng.randrange(40)):
+            blk.write(rng.randrange(blk.npages) * 4096, b"\x01" * 8)
+        st.sync()
+    st.complete(w)
+    assert st.pending_pages() == st.bitmap.count(1) == 0
