@@ -25,6 +25,10 @@ from .savevm.format import RAM_SECTION_VERSION
 from .savevm.ram import RamSaveState
 from .savevm.registry import register
 from .workloads import make_workload
+# Imported here, not when first used: a first `migrate` paid about 10 ms of imports.
+from .migration import channels as _channels, incoming as _incoming, precopy as _precopy  # noqa: F401,E501
+from .savevm import savevm as _savevm, stream as _stream  # noqa: F401
+from . import snapshots as _snapshots  # noqa: F401
 
 TICK_S = 0.01  # one guest tick of virtual time while running
 NOTIFY_S = 0.2  # how often listeners (the toolbar) hear about a running clock

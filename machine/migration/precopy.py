@@ -114,11 +114,13 @@ class OutgoingMigration:
             conn = connect(self.uri, timeout=STALL_TIMEOUT_S)
         except ChannelError as e:
             self._connect_error = str(e)
+            self.machine.wake()
             return
         if self.st.status in S.FINISHED:
             conn.close()  # cancelled while connecting: the peer must not get a stream
         else:
             self._connected = conn
+            self.machine.wake()  # the setup step need not wait for the next tick
 
     def cancel(self):
         if self.st.status in S.FINISHED:
