@@ -23,7 +23,7 @@ from .channels import ChannelError, ThreadedSink, connect
 
 BUFFER_DELAY_MS = 100  # QEMU's window for measuring bandwidth and applying the rate limit
 STEP_MAX_BYTES = 8 << 20  # one step's share, so ticks and monitor requests keep flowing
-STEP_MAX_S = 0.02
+STEP_MAX_S = 0.01  # a monitor request waits for the step under way: at most this
 # QEMU switches over once what is left would take downtime-limit to send at the measured
 # bandwidth, so its downtime lands on the limit, and past it when the wire slows or the
 # destination lags. The downtime a user sees runs from the source's stop to the destination
