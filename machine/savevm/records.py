@@ -271,7 +271,9 @@ class Parser:
         if pos and len(buf) - k >= n:
             buf[:k] = buf[pos:end]  # same length: never resizes, so views may exist
         else:
-            new = bytearray(max(2 * len(buf), k + n, 1 << 16))
+            # Double what is pending, so that a long record fed in pieces is copied a few
+            # times, not once a piece; size nothing by the old capacity.
+            new = bytearray(max(2 * k, k + n, 1 << 16))
             new[:k] = buf[pos:end]
             self._buf = new
         self._base += pos

@@ -375,7 +375,7 @@ def _feed_file(loader, f, chunk):
     loader.feed_eof()
 
 
-def check_then_load(machine, f, trace=None, chunk: int = 4 << 20):
+def check_then_load(machine, f, trace=None, chunk: int = 1 << 20):
     """All-or-nothing load from a seekable binary file.
 
     The first pass checks every record and stages device state without writing anything (a
