@@ -248,6 +248,7 @@ def _run(opts) -> int:
         # QEMU ends the process when an incoming migration fails; so does qmon, status 1.
         print(f"qmon: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        store.close()
         os._exit(1)
 
     machine.on_fatal = fatal
@@ -255,6 +256,7 @@ def _run(opts) -> int:
     def quit_now():
         # A moment for the QMP replies already sent to be read before the sockets go.
         sys.stdout.flush()
+        store.close()
         threading.Timer(0.2, os._exit, (0,)).start()
 
     machine.on_quit = quit_now

@@ -114,6 +114,10 @@ class OutgoingStream:
         bytes are the same: nothing else is written to the stream between the shares."""
         self.trace("savevm_state_complete_precopy")
         w = self.w
+        # Device state as it is now, with the guest just stopped: a monitor command served
+        # between the shares (system_reset, say) must not reach the stream, as in QEMU, where
+        # it waits for the final stage to end.
+        saved = [(se, se.device.save()) for se in self.entries if se.device is not None]
         for se, state in self.live:
             self.trace("savevm_section_start", se.idstr, se.section_id)
             _section_header(w, se, F.QEMU_VM_SECTION_END)
@@ -125,12 +129,10 @@ class OutgoingStream:
             _section_footer(w, se)
             self.trace("savevm_section_end", se.idstr, se.section_id, 0)
         devices = []
-        for se in self.entries:
-            if se.device is None:
-                continue
+        for se, payload in saved:
             self.trace("savevm_section_start", se.idstr, se.section_id)
             _section_header(w, se, F.QEMU_VM_SECTION_FULL)
-            w.put_bytes(se.device.save())
+            w.put_bytes(payload)
             _section_footer(w, se)
             self.trace("savevm_section_end", se.idstr, se.section_id, 0)
             devices.append(se.device.vmsd.vmdesc(se.idstr, se.instance_id))
