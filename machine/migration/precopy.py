@@ -27,10 +27,11 @@ STEP_MAX_S = 0.01  # a monitor request waits for the step under way: at most thi
 # QEMU switches over once what is left would take downtime-limit to send at the measured
 # bandwidth, so its downtime lands on the limit, and past it when the wire slows or the
 # destination lags. The downtime a user sees runs from the source's stop to the destination
-# running, so it also covers the destination finishing the last bytes (20-30 ms here) and a
-# final stage that went slower than measured (up to 1.5x here under load). qmon aims at 3/4
-# of the limit so that the limit holds.
-DOWNTIME_AIM = 0.75
+# running, so it also covers the destination finishing the last bytes (20-30 ms here), and
+# the destination's page allocation now and then runs at half speed on this machine for a
+# few hundred ms. qmon aims at half the limit so that the limit holds through such a dip
+# (at 3/4 of it: 214 ms median, but 607 ms in one run of five).
+DOWNTIME_AIM = 0.5
 # A peer that takes nothing for this long fails the migration (QEMU leaves it to TCP; a
 # teaching tool wants an answer). QMON_MIGRATION_STALL_TIMEOUT sets it, in seconds.
 STALL_TIMEOUT_S = float(os.environ.get("QMON_MIGRATION_STALL_TIMEOUT", "30"))
