@@ -111,16 +111,7 @@ class StreamWriter:
         The buffer must not change until the next flush; callers send RAM that either is
         stopped or whose later changes are caught by the dirty log and resent.
         """
-        if self._small:
-            self._queue.append(bytes(self._small))
-            self._queued += len(self._small)
-            self._small.clear()
-        self._queue.append(buf)
-        n = len(buf)
-        self._queued += n
-        self.bytes_written += n
-        if len(self._queue) >= _FLUSH_BUFFERS or self._queued >= _FLUSH_BYTES:
-            self.flush()
+        self.put_iov([buf], len(buf))
 
     def put_iov(self, buffers: list, n: int):
         """Queue ready-made buffers (``n`` bytes in all) by reference, in order: a batch of
