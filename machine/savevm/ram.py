@@ -12,7 +12,6 @@ from . import xbzrle
 from .records import StreamError
 
 PAGE = F.TARGET_PAGE_SIZE
-_Z8 = bytes(8)
 _ZERO = F.ZERO_PAGE
 _FLAG_ZERO_CONT = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_CONTINUE
 _FLAG_PAGE_CONT = F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_CONTINUE
@@ -21,8 +20,20 @@ _TIME_CHECK_PAGES = 64
 _WORDS = PAGE // 8
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-_populate = [True]  # False once the kernel has said it cannot
 _READ_REGION_SHIFT = 20
+_can_populate = True  # False once the kernel has said it cannot (before 5.14)
+
+
+def _populate(mem, advice: int, addr: int, length: int):
+    """Map a run of pages with one system call instead of a page fault each (about 5 us here,
+    1.4 s a GiB of fresh memory written page by page). Only a hint: without kernel support
+    the pages fault in as they are touched."""
+    global _can_populate
+    if _can_populate:
+        try:
+            mem.madvise(advice, addr, length)
+        except (OSError, ValueError):
+            _can_populate = False
 
 
 _BATCH = 256  # pages whose records are built at once
@@ -50,13 +61,8 @@ def _send_batch(w, mem, mv, words, p: int, e: int):
     A page whose first word is not zero cannot be a zero page, so random RAM needs no compare
     at all; its headers are packed in one call."""
     off0, offe = p * PAGE, e * PAGE
-    if _populate[0]:
-        # Map the batch's pages in one call: reading them one by one from a -mem-path file
-        # cost a page fault each, a third of the sender's time.
-        try:
-            mem.madvise(MADV_POPULATE_READ, off0, offe - off0)
-        except (OSError, ValueError):
-            _populate[0] = False  # a kernel before 5.14
+    # Reading a -mem-path file's pages one by one cost a page fault each.
+    _populate(mem, MADV_POPULATE_READ, off0, offe - off0)
     firsts = words[p * _WORDS:e * _WORDS:_WORDS].tolist()
     k = e - p
     if 0 not in firsts:
@@ -352,35 +358,34 @@ class RamLoadState:
     def __init__(self, block):
         self.block = block
         self._scratch = bytearray(PAGE)
-        self._can_populate = True
         self._read_mapped = bytearray((block.size >> _READ_REGION_SHIFT) + 1)
 
     def run(self, parser, apply: bool) -> int:
         """Let the parser copy a run of plain records straight into RAM (the hot path)."""
         blk = self.block
         if apply:
-            return parser.ram_run(blk.idstr, blk.size, blk.mem, self._populate)
+            return parser.ram_run(blk.idstr, blk.size, blk.mem, self._map_for_writing,
+                                  self._clear)
         return parser.ram_run(blk.idstr, blk.size)
 
-    def _populate(self, addr: int, length: int, write: bool):
-        """Map pages in one system call rather than a page fault each (about 5 us here; 1.4 s
-        a GiB when writing, most of the destination's time). Pages about to be written are
-        allocated; before zero pages are read, their whole 1 MiB region is mapped for reading,
-        which for untouched memory maps the shared zero page and allocates nothing."""
-        if not self._can_populate:
-            return
-        if not write:
+    def _map_for_writing(self, addr: int, length: int):
+        _populate(self.block.mem, MADV_POPULATE_WRITE, addr, length)
+
+    def _clear(self, addr: int, fill: int = 0):
+        """A ZERO record. Like QEMU, leave an already-zero page untouched, so that it stays
+        unallocated. Reading it to see maps its 1 MiB region for reading first, in one call:
+        for untouched memory that maps the shared zero page and allocates nothing."""
+        blk = self.block
+        if not fill:
             region = addr >> _READ_REGION_SHIFT
-            if self._read_mapped[region]:
+            if not self._read_mapped[region]:
+                self._read_mapped[region] = 1
+                start = region << _READ_REGION_SHIFT
+                _populate(blk.mem, MADV_POPULATE_READ, start,
+                          min(1 << _READ_REGION_SHIFT, blk.size - start))
+            if blk.is_zero_page(addr):
                 return
-            self._read_mapped[region] = 1
-            addr = region << _READ_REGION_SHIFT
-            length = min(1 << _READ_REGION_SHIFT, self.block.size - addr)
-        try:
-            self.block.mem.madvise(MADV_POPULATE_WRITE if write else MADV_POPULATE_READ,
-                                   addr, length)
-        except (OSError, ValueError):
-            self._can_populate = False  # a kernel before 5.14: fault them in as we go
+        blk.mem[addr:addr + PAGE] = bytes([fill]) * PAGE
 
     def _check_block(self, rec):
         blk = self.block
@@ -406,10 +411,7 @@ class RamLoadState:
     def zero(self, rec, apply: bool):
         self._check_block(rec)
         if apply:
-            mem, a = self.block.mem, rec.addr
-            # Like QEMU, leave an already-zero page untouched so it stays unallocated.
-            if rec.fill or mem[a:a + PAGE] != _ZERO:
-                mem[a:a + PAGE] = bytes([rec.fill]) * PAGE
+            self._clear(rec.addr, rec.fill)
 
     def xbzrle(self, rec, apply: bool):
         self._check_block(rec)

@@ -209,16 +209,11 @@ class _Section:
  _S_V2_TOP, _S_V2_SKIP, _S_BLOCK, _S_VMDESC_SKIP) = range(13)
 
 _BLOCK_CHUNK = 1 << 20
-MAX_BLOCK_RECORDS_NAME = 255
-
-_RAM_KIND_FLAGS = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_XBZRLE
-
 
 _PAGE = F.TARGET_PAGE_SIZE
 _PAGE_CONT = F.RAM_SAVE_FLAG_PAGE | F.RAM_SAVE_FLAG_CONTINUE
 _ZERO_CONT = F.RAM_SAVE_FLAG_ZERO | F.RAM_SAVE_FLAG_CONTINUE
 _FLAGS = _PAGE - 1
-_Z8 = bytes(8)
 # ram_run() checks up to _RUN PAGE records' headers with one unpack: a first pass over RAM
 # sends them back to back, one page after another.
 _REC = _PAGE + 8
@@ -347,12 +342,12 @@ class Parser:
             return End(self.offset)
         return None  # after End: nothing more, whatever is fed
 
-    def ram_run(self, idstr: str, size: int, mem=None, populate=None) -> int:
+    def ram_run(self, idstr: str, size: int, mem=None, populate=None, clear=None) -> int:
         """The hot path of a migration: consume the plain records that follow in block
         ``idstr`` (CONTINUE PAGE, and CONTINUE ZERO with a zero fill) whose pages lie inside
-        ``size``, writing them into ``mem`` when it is given. ``populate(addr, length, write)``,
-        if given, is called before a run of consecutive pages is written (``write`` true) and
-        before a zero page is read to see whether it needs clearing (false).
+        ``size``. When ``mem`` is given, pages are copied into it, ``populate(addr, length)``
+        is called before a run of consecutive pages is written, and ``clear(addr)`` applies a
+        ZERO record.
 
         No record objects are made. Anything else (a named block, another flag, an offset out
         of range, a record not wholly buffered) stops the run and is left for ``next()``,
@@ -375,7 +370,7 @@ class Parser:
                             and words == tuple(range(w0, w0 + span, _PAGE))):
                         if mem is not None:
                             if populate is not None:
-                                populate(a0, span, True)
+                                populate(a0, span)
                             q = p + 8
                             for a in range(a0, a0 + span, _PAGE):
                                 mem[a:a + _PAGE] = mv[q:q + _PAGE]
@@ -404,12 +399,8 @@ class Parser:
                         if left < 9 or a + _PAGE > size or buf[p + 8]:
                             stop = True
                             break
-                        # Like QEMU, leave an already-zero page untouched (unallocated).
                         if mem is not None:
-                            if populate is not None:
-                                populate(a, _PAGE, False)
-                            if mem[a:a + 8] != _Z8 or mem[a:a + _PAGE] != F.ZERO_PAGE:
-                                mem[a:a + _PAGE] = F.ZERO_PAGE
+                            clear(a)
                         p += 9
                     else:
                         stop = True
@@ -510,26 +501,24 @@ class Parser:
         self._state = _S_RAM if kind == "ram" else _S_DEVICE
         return V2Record(off, idstr, instance_id, version_id, length, kind, note)
 
-    def _vmdesc_skip(self):
+    def _skipped(self, what: str) -> bool:
+        """Pass over ``_skip_left`` bytes as they arrive, never holding them; True once all
+        have gone."""
         n = min(self._skip_left, self._end - self._pos)
         self._pos += n
         self._skip_left -= n
-        if self._skip_left:
-            if self._eof:
-                raise StreamError("truncated stream: the vmdesc ends early", self.offset)
+        if self._skip_left and self._eof:
+            raise StreamError(f"truncated stream: {what} ends early", self.offset)
+        return not self._skip_left
+
+    def _vmdesc_skip(self):
+        if not self._skipped("the vmdesc"):
             return None
         self._state = _S_END
         return VMDesc(self._vmdesc_off, b"")
 
     def _v2_skip(self):
-        n = min(self._skip_left, self._end - self._pos)
-        if n == 0 and self._skip_left:
-            if self._eof:
-                raise StreamError("truncated stream: a v2 record ends early", self.offset)
-            return None
-        self._pos += n
-        self._skip_left -= n
-        if self._skip_left:
+        if not self._skipped("a v2 record"):
             return None
         self._state = _S_V2_TOP
         return self.next()
