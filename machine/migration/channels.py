@@ -154,8 +154,8 @@ class ThreadedSink:
     def __init__(self, sink, max_queued: int = 16 << 20, on_space=None):
         self.sink = sink
         self.max_queued = max_queued
-        # Called from the writer thread, once, after a producer found the queue full (or asked
-        # with want_space()) and the queue has fallen to half: the producer need not poll.
+        # Called from the writer thread, once, after a producer asked with want_space() and
+        # the queue has fallen to half: the producer need not poll.
         self.on_space = on_space
         self._space_wanted = False
         self.queued = 0
@@ -196,10 +196,7 @@ class ThreadedSink:
 
     @property
     def full(self) -> bool:
-        if self.queued >= self.max_queued:
-            self.want_space()
-            return True
-        return False
+        return self.queued >= self.max_queued
 
     def want_space(self):
         """Ask for on_space once the queue has room again."""

@@ -15,9 +15,11 @@ only after the whole stream was accepted. On failure qmon exits with status 1, a
 from __future__ import annotations
 
 import os
+import struct
 import threading
 
 from ..runstate import RunState, RunStateError
+from ..savevm import format as F
 from ..savevm.records import StreamError
 from ..savevm.savevm import Loader
 from . import state as S
@@ -35,6 +37,7 @@ class IncomingMigration:
         self.st.socket_addresses = [self.listener.address]
         self.loader: Loader | None = None
         self.conn = None
+        self.return_path = None  # the connection, once the source asked for answers on it
 
     def start(self):
         threading.Thread(target=self._run, name="migration-incoming", daemon=True).start()
@@ -106,9 +109,6 @@ class IncomingMigration:
         self._done()
 
     def _command(self, cmd, data):
-        from ..savevm import format as F
-        from ..savevm.records import StreamError
-
         if cmd == F.MIG_CMD_OPEN_RETURN_PATH:
             if not hasattr(self.conn, "sendall"):
                 raise StreamError("Unable to open return-path: the channel is one-way", None)
@@ -117,8 +117,6 @@ class IncomingMigration:
             self._reply(F.MIG_RP_MSG_PONG, data)
 
     def _reply(self, msg_type: int, data: bytes):
-        import struct
-
         try:
             self.return_path.sendall(struct.pack(">HH", msg_type, len(data)) + data)
         except OSError:
@@ -126,9 +124,7 @@ class IncomingMigration:
 
     def _shut(self, failed: bool):
         """QEMU's MIG_RP_MSG_SHUT: tell the source, before anything runs, how it ended."""
-        if getattr(self, "return_path", None) is not None:
-            from ..savevm import format as F
-
+        if self.return_path is not None:
             self._reply(F.MIG_RP_MSG_SHUT, (1 if failed else 0).to_bytes(4, "big"))
 
     def _done(self):

@@ -12,10 +12,12 @@ guest and the monitor, a writer thread puts them on the wire.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 
 from ..runstate import RunState
+from ..savevm import format as F
 from ..savevm.savevm import OutgoingStream
 from ..savevm.stream import StreamWriter
 from . import state as S
@@ -49,10 +51,6 @@ class ReturnPath:
         threading.Thread(target=self._run, name="migration-return-path", daemon=True).start()
 
     def _run(self):
-        import struct
-
-        from ..savevm import format as F
-
         buf = b""
         while True:
             try:
@@ -226,9 +224,12 @@ class OutgoingMigration:
         limit = self.params["max-bandwidth"]
         window_budget = limit * BUFFER_DELAY_MS / 1000 if limit else float("inf")
         sent_in_window = out.w.bytes_written - self._window_written0
-        self._waiting = sent_in_window >= window_budget or self.sink.full
-        if self._waiting:
-            return True  # rate limited (or the wire is behind): wait for the next window
+        if sent_in_window >= window_budget:
+            self._waiting = True
+            return True  # rate limited: wait for the next window (the next tick)
+        if self.sink.full:
+            return self._wait_for_wire()
+        self._waiting = False
         pending = self._pending()
         if pending < self._threshold:
             self._sync(now)
@@ -236,11 +237,7 @@ class OutgoingMigration:
         st.remaining = ram.pending_pages() * 4096
         if pending and pending >= self._threshold:
             if pending == self.sink.queued:
-                # Nothing dirty to send: only the wire is behind. Sleep until it has taken
-                # some (a busy loop here would starve the writer thread of the GIL).
-                self._waiting = True
-                self.sink.want_space()
-                return True
+                return self._wait_for_wire()  # nothing dirty to send, only the wire behind
             budget = int(min(STEP_MAX_BYTES, window_budget - sent_in_window))
             before = ram.stats.bytes
             out.iterate(deadline=time.monotonic() + STEP_MAX_S, max_bytes=max(budget, 4096))
@@ -399,9 +396,9 @@ class OutgoingMigration:
         """One share of the final stage (guest stopped), as an iterate step is one of a pass."""
         if self.sink.error is not None:
             raise self.sink.error
-        self._waiting = self.sink.full
-        if self._waiting:
-            return True
+        if self.sink.full:
+            return self._wait_for_wire()
+        self._waiting = False
         try:
             next(self._final)
             self.out.w.flush()
@@ -418,12 +415,18 @@ class OutgoingMigration:
         self._end_pass(S.now_ms(), 0)
         return True
 
+    def _wait_for_wire(self) -> bool:
+        """Sleep until the writer thread has taken some of its queue; it wakes the machine
+        thread then. (Stepping again at once would spin, and starve the writer of the GIL.)"""
+        self._waiting = True
+        self.sink.want_space()
+        return True
+
     def _wait_drained(self) -> bool:
         if self.sink.error is not None:
             raise self.sink.error
         if self.sink.queued:
-            self.sink.want_space()
-            return True
+            return self._wait_for_wire()
         if not self.committed:
             # Everything but the EOF reached the wire: now the point of no return (without a
             # return path; with one, the destination's answer decides).
