@@ -9,26 +9,38 @@ the returned future.
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+# Everything a migration or a snapshot needs is imported with the machine, not on first use: a
+# first `migrate` paid about 10 ms of imports.
 from .devices.cpu import Cpu
 from .devices.globalstate import GlobalState
 from .devices.serial import Serial
 from .devices.timer import Timer
+from .disk import Disk
+from .migration import state as S
+from .migration.channels import ChannelError, parse_uri
+from .migration.incoming import IncomingMigration
+from .migration.precopy import OutgoingMigration
+from .migration.state import CAPABILITIES, PARAMETER_DEFAULTS, MigrationState
 from .ram import RAMBlock
 from .runstate import NEEDS_RESET, RunState, check_transition
+from .savevm.block import BlockSaveState
 from .savevm.format import RAM_SECTION_VERSION
 from .savevm.ram import RamSaveState
+from .savevm.records import StreamError
 from .savevm.registry import register
+from .savevm.savevm import ApplyError, check_then_load, save_stream, save_stream_v2
+from .savevm.stream import FdSink, StreamWriter
+from .snapshots import truncate_tag
+from .trace import Tracer
 from .workloads import make_workload
-# Imported here, not when first used: a first `migrate` paid about 10 ms of imports.
-from .migration import channels as _channels, incoming as _incoming, precopy as _precopy  # noqa: F401,E501
-from .savevm import savevm as _savevm, stream as _stream  # noqa: F401
-from . import snapshots as _snapshots  # noqa: F401
 
 TICK_S = 0.01  # one guest tick of virtual time while running
 NOTIFY_S = 0.2  # how often listeners (the toolbar) hear about a running clock
@@ -119,8 +131,6 @@ class Machine:
         self.entries: list = []
         self.timer = Timer(self)
         register(self.entries, "timer", Timer.vmsd.version_id, device=self.timer)
-        from .disk import Disk
-        from .savevm.block import BlockSaveState
 
         self.disk = Disk(drive, drive_id) if drive else None
         if self.disk is not None:
@@ -144,7 +154,6 @@ class Machine:
         self.workload.attach(self)
         self.workload.resync()
 
-        from .migration.state import CAPABILITIES, PARAMETER_DEFAULTS, MigrationState
 
         self.migration = MigrationState()  # the outgoing side, as 'info migrate' shows it
         self.incoming_state = MigrationState()
@@ -154,7 +163,6 @@ class Machine:
         self.params = dict(PARAMETER_DEFAULTS)
         self.caps = {c: False for c in CAPABILITIES}
         self.autostart = True
-        from .trace import Tracer
 
         # Trace events (QEMU's names and text); lines go where the machine's messages go.
         self.trace = Tracer(lambda line: self.message(line))
@@ -331,17 +339,11 @@ class Machine:
         if self.on_fatal is not None:
             self.on_fatal(message)
         else:
-            import os
-            import sys
             print(f"qmon: {message}", file=sys.stderr, flush=True)
             os._exit(1)
 
     # Migration ----------------------------------------------------------------------------------
     def migrate(self, uri: str, blk: bool = False):
-        from .migration import state as S
-        from .migration.channels import ChannelError, parse_uri
-        from .migration.precopy import OutgoingMigration
-
         if self.migration.status in (S.SETUP, S.ACTIVE, S.CANCELLING, S.PRE_SWITCHOVER,
                                      S.DEVICE):
             raise MachineError("There's a migration process in progress")
@@ -372,8 +374,6 @@ class Machine:
     def _save_v2_file(self, path: str):
         """A whole-machine save in the version 2 container: not live (v2 cannot stream), so
         the guest stops first, and ends in postmigrate like any finished migration."""
-        from .migration import state as S
-        from .savevm.savevm import save_stream_v2
 
         st = self.migration = S.MigrationState(status=S.ACTIVE, start_ms=S.now_ms(),
                                                total=self.ram.size)
@@ -410,8 +410,6 @@ class Machine:
             job.cancel()
 
     def migrate_continue(self, state: str):
-        from .migration import state as S
-
         job = self.migration_job
         if job is None or self.migration.status != state:
             raise MachineError(f"Migration not in expected state: {self.migration.status}")
@@ -420,9 +418,6 @@ class Machine:
         job.continue_requested = True
 
     def start_incoming(self, uri: str):
-        from .migration.channels import ChannelError
-        from .migration.incoming import IncomingMigration
-
         try:
             inc = IncomingMigration(self, uri)
         except ChannelError as e:
@@ -440,8 +435,6 @@ class Machine:
         self.start_incoming(uri)
 
     def migration_active(self) -> bool:
-        from .migration import state as S
-
         return self.migration.status not in (S.NONE,) + tuple(S.FINISHED)
 
     # Guest side --------------------------------------------------------------------------------
@@ -477,10 +470,6 @@ class Machine:
 
     # Snapshots (QEMU's save_snapshot / load_snapshot, run on the machine thread) ---------------
     def save_snapshot(self, store, tag: str | None):
-        from .savevm.savevm import save_stream
-        from .savevm.stream import FdSink, StreamWriter
-        from .snapshots import truncate_tag
-
         if self.migration_active():
             # A snapshot would reset the dirty log the migration depends on.
             raise MachineError("There's a migration process in progress")
@@ -512,19 +501,16 @@ class Machine:
     def _record_snapshot_migration(self, out):
         """QEMU counts a savevm as a completed migration: 'info migrate' shows its counters,
         all of them sent with the guest stopped (downtime ram), times not measured."""
-        from .migration.state import COMPLETED, MigrationState
 
         ram = out.live[0][1].stats
         self.migration = MigrationState(
-            status=COMPLETED, transferred=ram.bytes, downtime_bytes=ram.bytes,
+            status=S.COMPLETED, transferred=ram.bytes, downtime_bytes=ram.bytes,
             total=self.ram.size, duplicate=ram.zero_pages, normal=ram.normal_pages,
             dirty_sync_count=ram.dirty_sync_count)
 
     def load_snapshot(self, store, tag: str):
         """All-or-nothing: on a bad stream nothing changes, the runstate included. A missing
         snapshot behaves as in QEMU: a running guest is left paused (restore-vm)."""
-        from .savevm.records import StreamError
-        from .savevm.savevm import ApplyError, check_then_load
 
         if self.migration_active():
             raise MachineError("There's a migration process in progress")
