@@ -140,21 +140,18 @@ def run_console(session, banner: str) -> int:
     machine.add_listener(lambda: ps.app.invalidate())
     fatal_exit = []
 
-    def fatal(message):
-        # Leave the prompt properly (the terminal back in cooked mode) before exiting 1.
-        fatal_exit.append(message)
+    def leave():
+        # Leave the prompt properly (the terminal back in cooked mode), as Ctrl-D does.
         app = ps.app
         if app.is_running and app.loop is not None:
             app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()))
+
+    def fatal(message):
+        fatal_exit.append(message)  # then exit 1
+        leave()
 
     machine.on_fatal = fatal
-
-    def quit_now():
-        app = ps.app
-        if app.is_running and app.loop is not None:
-            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()))
-
-    machine.on_quit = quit_now
+    machine.on_quit = leave
     print(banner)
     with patch_stdout(raw=True):
         while True:

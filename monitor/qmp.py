@@ -409,25 +409,14 @@ def _query_status(c, args):
     return {"status": state.value, "singlestep": False, "running": state == RunState.RUNNING}
 
 
-def _stop(c, args):
-    _check_args(args, {})
-    m = c.machine
-    m.run(m.stop)
-    return {}
-
-
-def _cont(c, args):
-    _check_args(args, {})
-    m = c.machine
-    m.run(m.cont)
-    return {}
-
-
-def _system_reset(c, args):
-    _check_args(args, {})
-    m = c.machine
-    m.run(m.system_reset)
-    return {}
+def _machine_call(method: str):
+    """A command with no arguments that runs one Machine method and returns {}."""
+    def handler(c, args):
+        _check_args(args, {})
+        m = c.machine
+        m.run(getattr(m, method))
+        return {}
+    return handler
 
 
 def _hmp(c, args):
@@ -454,13 +443,6 @@ def _migrate(c, args):
         raise QMPError("qmon has no postcopy: there is no paused migration to resume")
     m = c.machine
     m.run(m.migrate, args["uri"], bool(args.get("blk")))
-    return {}
-
-
-def _migrate_cancel(c, args):
-    _check_args(args, {})
-    m = c.machine
-    m.run(m.migrate_cancel)
     return {}
 
 
@@ -589,13 +571,13 @@ COMMANDS = {
     "query-version": _query_version,
     "query-commands": _query_commands,
     "query-status": _query_status,
-    "stop": _stop,
-    "cont": _cont,
-    "system_reset": _system_reset,
+    "stop": _machine_call("stop"),
+    "cont": _machine_call("cont"),
+    "system_reset": _machine_call("system_reset"),
     "quit": None,  # handled in QMPClientConn.handle (it must reply, then end the process)
     "human-monitor-command": _hmp,
     "migrate": _migrate,
-    "migrate_cancel": _migrate_cancel,
+    "migrate_cancel": _machine_call("migrate_cancel"),
     "migrate-incoming": _migrate_incoming,
     "query-migrate": _query_migrate,
     "migrate-set-parameters": _set_parameters,
