@@ -485,7 +485,7 @@ class Dissector:
         elif t is R.End:
             self.end = rec
             self.section = None
-        elif t.__name__ == "V2Record":
+        elif t is R.V2Record:
             self.section = rec
             ctx.section = rec
             self.sections["v2 record"] += 1
@@ -696,7 +696,7 @@ class Listing:
                 self.line(rec.offset, 0, "end", f"warning: {rec.warning}")
             else:
                 self.line(rec.offset, 0, "end")
-        elif t.__name__ == "V2Record":
+        elif t is R.V2Record:
             self.line(rec.offset, 0, "v2 record",
                       f"{rec.idstr}  instance {rec.instance_id}  version {rec.version_id}  "
                       f"length {rec.length}  ({rec.kind})")
@@ -868,7 +868,7 @@ class JsonView:
             d = {"offset": rec.offset, "type": "end", "warning": rec.warning}
         else:
             d = {k: _plain(v) for k, v in _record_fields(rec).items()}
-            d["type"] = "v2_record" if t.__name__ == "V2Record" else t.__name__
+            d["type"] = "v2_record" if t is R.V2Record else t.__name__
             d.setdefault("offset", None)
         self._add(d)
 
@@ -1124,7 +1124,7 @@ class Hexdump:
                     (o + 5, len(rec.json), f"vmdesc json ({len(rec.json)} bytes)", preview)]
         if t is R.End:
             return []
-        if t.__name__ == "V2Record":
+        if t is R.V2Record:
             b = rec.idstr.encode("latin-1")
             return [(o, 1, "idstr len", str(len(b))), (o + 1, len(b), "idstr", _quote(b)),
                     (o + 1 + len(b), 4, "instance_id", str(rec.instance_id)),
